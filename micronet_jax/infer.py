@@ -1,0 +1,180 @@
+"""Tiled whole-image inference (spec §5), independent of the model.
+
+Micro-Net only accepts a fixed input size and its border outputs come from extrapolating transposed
+convs, so whole images are processed as overlapping tiles: reflect-pad by ``margin``, tiles of ``tile``
+with stride ``tile - 2*margin``, the last tile flush with the far edge. ``stitch="center"`` keeps each
+tile's centre (each output pixel comes from exactly one tile, at least ``margin`` from that tile's
+edge wherever the padded image allows); ``stitch="blend"`` averages overlaps with a smooth positive
+window. ``forward_fn`` is always called with exactly ``tile_batch`` tiles (the last batch is padded with
+zeros) so a jitted function compiles once. Bookkeeping is numpy; progress bars are the caller's job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+__all__ = ["tile_positions", "tiled_predict", "dihedral", "dihedral_inverse", "blend_window"]
+
+ForwardFn = Callable[[np.ndarray], Any]
+
+
+def tile_positions(length: int, tile: int, margin: int) -> list[int]:
+    """Start offsets of tiles along one axis of an already padded length (``length >= tile``).
+
+    Stride is ``tile - 2*margin`` so the kept centres abut; the last tile is flush with the far edge.
+    Example (spec §5): 903 -> [0, 380, 395]; 650 -> [0, 142].
+    """
+    stride = tile - 2 * margin
+    if stride <= 0:
+        raise ValueError(f"tile ({tile}) must be larger than 2 * margin ({2 * margin})")
+    if length < tile:
+        raise ValueError(f"padded length {length} is smaller than the tile ({tile})")
+    return list(range(0, length - tile, stride)) + [length - tile]
+
+
+def _center_intervals(positions: list[int], tile: int, margin: int, length: int) -> list[tuple[int, int]]:
+    """Padded-coordinate interval each tile writes in "center" mode: abutting, no overlaps.
+
+    Each tile keeps [p + margin, p + tile - margin), the first extends to 0 and the last to ``length``
+    (those parts are padding anyway); the flush last tile writes only what is not already covered.
+    """
+    out = []
+    prev_hi = 0
+    for k, p in enumerate(positions):
+        lo = 0 if k == 0 else max(p + margin, prev_hi)
+        hi = length if k == len(positions) - 1 else p + tile - margin
+        out.append((lo, hi))
+        prev_hi = hi
+    return out
+
+
+def blend_window(tile: int, margin: int) -> np.ndarray:
+    """1-D weight for "blend": raised-cosine ramps over 2*margin at each end, 1 in the middle, > 0.
+
+    A ramp as long as the overlap of neighbouring tiles (2*margin) cross-fades them smoothly, and the
+    low weight near tile edges down-weights the extrapolated borders.
+    """
+    ramp = max(1, min(2 * margin, tile // 2))
+    i = np.arange(tile, dtype=np.float64)
+    d = np.minimum(i, tile - 1 - i)  # distance to the nearest tile edge
+    w = np.where(d < ramp, 0.5 - 0.5 * np.cos(np.pi * (d + 0.5) / ramp), 1.0)
+    return w.astype(np.float32)
+
+
+def dihedral(x: np.ndarray, k: int) -> np.ndarray:
+    """Transform k in 0..7 of the square-symmetry group on axes (1, 2): rot90^(k%4) after a flip if k>=4."""
+    if k >= 4:
+        x = x[:, :, ::-1]
+    return np.rot90(x, k % 4, axes=(1, 2))
+
+
+def dihedral_inverse(x: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`dihedral` (maps outputs back to the original tile orientation)."""
+    x = np.rot90(x, -(k % 4), axes=(1, 2))
+    if k >= 4:
+        x = x[:, :, ::-1]
+    return x
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _pad_amounts(size: int, tile: int, margin: int) -> tuple[int, int]:
+    """Margin on both sides, plus extra (split evenly) when the image is smaller than a tile."""
+    extra = max(0, tile - (size + 2 * margin))
+    return margin + extra // 2, margin + extra - extra // 2
+
+
+def tiled_predict(
+    forward_fn: ForwardFn,
+    image: np.ndarray,
+    *,
+    tile: int = 508,
+    margin: int = 64,
+    stitch: str = "center",
+    tile_batch: int = 4,
+    tta: bool = False,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Softmax probabilities (H, W, C) float32 for a standardised float32 image (H, W, 3) of any size.
+
+    ``forward_fn`` maps (tile_batch, tile, tile, 3) float32 to logits (tile_batch, tile, tile, C); it is
+    always called with exactly ``tile_batch`` tiles. ``tta`` averages probabilities over the 8 dihedral
+    transforms of each tile (each output mapped back before averaging). ``num_classes``, if given, is
+    checked against the logits.
+    """
+    if stitch not in ("center", "blend"):
+        raise ValueError(f"stitch must be 'center' or 'blend', got {stitch!r}")
+    if tile_batch < 1:
+        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+    if margin < 0 or tile - 2 * margin <= 0:
+        raise ValueError(f"need 0 <= margin and tile > 2*margin, got tile={tile}, margin={margin}")
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 3:
+        raise ValueError(f"image must be (H, W, channels), got shape {img.shape}")
+    h, w = img.shape[:2]
+    if h == 0 or w == 0:
+        raise ValueError(f"image is empty: shape {img.shape}")
+
+    (top, bottom), (left, right) = _pad_amounts(h, tile, margin), _pad_amounts(w, tile, margin)
+    # numpy's reflect repeats the reflection when a pad exceeds the axis, so tiny images work too.
+    padded = np.pad(img, ((top, bottom), (left, right), (0, 0)), mode="reflect")
+    ph, pw = padded.shape[:2]
+    ys, xs = tile_positions(ph, tile, margin), tile_positions(pw, tile, margin)
+    tiles = [(y, x) for y in ys for x in xs]
+    transforms = list(range(8)) if tta else [0]
+    jobs = [(t, k) for t in range(len(tiles)) for k in transforms]
+
+    if stitch == "center":
+        y_iv = dict(zip(ys, _center_intervals(ys, tile, margin, ph)))
+        x_iv = dict(zip(xs, _center_intervals(xs, tile, margin, pw)))
+    else:
+        win1 = blend_window(tile, margin)
+        win = (win1[:, None] * win1[None, :])[..., None]
+
+    out: np.ndarray | None = None
+    wsum = np.zeros((ph, pw, 1), np.float32) if stitch == "blend" else None
+    partial: dict[int, np.ndarray] = {}
+
+    def chunks() -> Iterator[list[tuple[int, int]]]:
+        for s in range(0, len(jobs), tile_batch):
+            yield jobs[s:s + tile_batch]
+
+    for chunk in chunks():
+        batch = np.zeros((tile_batch, tile, tile, img.shape[2]), np.float32)
+        for b, (t, k) in enumerate(chunk):
+            y, x = tiles[t]
+            batch[b] = dihedral(padded[None, y:y + tile, x:x + tile], k)[0]
+        logits = np.asarray(forward_fn(batch), dtype=np.float32)
+        if logits.ndim != 4 or logits.shape[:3] != (tile_batch, tile, tile):
+            raise ValueError(
+                f"forward_fn must return logits of shape ({tile_batch}, {tile}, {tile}, C), "
+                f"got {logits.shape}")
+        c = logits.shape[-1]
+        if num_classes is not None and c != num_classes:
+            raise ValueError(f"forward_fn returned {c} classes, expected num_classes={num_classes}")
+        if out is None:
+            out = np.zeros((ph, pw, c), np.float32)
+        probs = _softmax(logits[:len(chunk)])
+        for b, (t, k) in enumerate(chunk):
+            p = dihedral_inverse(probs[b:b + 1], k)[0]
+            partial[t] = partial[t] + p if t in partial else p.copy()
+            if k != transforms[-1]:
+                continue
+            p = partial.pop(t) / len(transforms)
+            y, x = tiles[t]
+            if stitch == "center":
+                (y0, y1), (x0, x1) = y_iv[y], x_iv[x]
+                out[y0:y1, x0:x1] = p[y0 - y:y1 - y, x0 - x:x1 - x]
+            else:
+                out[y:y + tile, x:x + tile] += p * win
+                wsum[y:y + tile, x:x + tile] += win
+    assert out is not None
+    if stitch == "blend":
+        out /= wsum
+    return np.ascontiguousarray(out[top:top + h, left:left + w])

@@ -1,0 +1,143 @@
+"""Gland post-processing (spec §5): probability map -> instance label image, and its tuning.
+
+Pipeline: ``p > threshold`` -> fill holes -> optional opening with a disk -> drop components smaller
+than ``min_size`` -> connected components. Components use 8-connectivity throughout (skimage's
+``label`` default in 2-D), so size filtering and labelling agree on what one object is.
+
+:func:`tune_postprocess` grid-searches those constants on validation images only (spec §7.17). It labels
+each (threshold, opening) once and derives every ``min_size`` from a component-size lookup, and it scores
+candidates from one component x GT contingency matrix per image, so a grid costs little more than
+one labelling per (threshold, opening).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import disk
+
+from micronet_jax.metrics import _as_label_image, _combine, _compact, _detection_and_dice, _f1
+
+__all__ = ["probability_to_instances", "tune_postprocess"]
+
+_CONNECTIVITY = np.ones((3, 3), bool)  # 8-connectivity
+
+
+def _binary_components(
+    prob_fg: np.ndarray, threshold: float, fill_holes: bool, opening_radius: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-3 and labelling before size filtering; returns (labels, sizes indexed by label)."""
+    prob = np.asarray(prob_fg)
+    if prob.ndim != 2:
+        raise ValueError(f"prob_fg must be a 2-D (H, W) foreground probability map, got {prob.shape}")
+    if opening_radius < 0:
+        raise ValueError(f"opening_radius must be >= 0, got {opening_radius}")
+    mask = prob > threshold  # strict, so 0.5 equals argmax of a 2-class softmax (ties -> background)
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    if opening_radius > 0:
+        mask = ndimage.binary_opening(mask, structure=disk(int(opening_radius)).astype(bool))
+    labels, n = ndimage.label(mask, structure=_CONNECTIVITY)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    return labels, sizes
+
+
+def _size_filter_lut(sizes: np.ndarray, min_size: int) -> np.ndarray:
+    """Lookup table: old label -> new consecutive label (0 for removed/background)."""
+    keep = sizes >= min_size
+    keep[0] = False
+    lut = np.zeros(sizes.size, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut
+
+
+def probability_to_instances(
+    prob_fg: np.ndarray,
+    threshold: float = 0.5,
+    fill_holes: bool = True,
+    opening_radius: int = 0,
+    min_size: int = 300,
+) -> np.ndarray:
+    """Foreground probability (H, W) -> int32 instance labels 1..n (0 = background).
+
+    Objects with fewer than ``min_size`` pixels are removed (size counted after fill/opening).
+    """
+    labels, sizes = _binary_components(prob_fg, threshold, fill_holes, opening_radius)
+    return _size_filter_lut(sizes, int(min_size))[labels]
+
+
+def tune_postprocess(
+    prob_maps: Sequence[np.ndarray],
+    gt_labels: Sequence[np.ndarray],
+    thresholds: Sequence[float],
+    min_sizes: Sequence[int],
+    opening_radii: Sequence[int] = (0,),
+    fill_holes: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Grid search of post-processing constants by pooled object F1, ties broken by pooled Object Dice.
+
+    Use validation images only. Returns ``(best, rows)``: ``best`` holds only keyword arguments of
+    :func:`probability_to_instances` (so ``probability_to_instances(p, **best)`` reproduces it), and
+    ``rows`` has one dict per grid point (params + ``f1, object_dice, tp, fp, fn``) in grid order
+    (threshold, opening_radius, min_size). Remaining ties keep the first grid point. Hausdorff is not
+    computed here: it does not enter the selection and is the expensive part.
+    """
+    prob_maps, gt_labels = list(prob_maps), list(gt_labels)
+    if len(prob_maps) != len(gt_labels):
+        raise ValueError(f"got {len(prob_maps)} probability maps but {len(gt_labels)} GT images")
+    if not prob_maps:
+        raise ValueError("tune_postprocess needs at least one image")
+    if not (len(thresholds) and len(min_sizes) and len(opening_radii)):
+        raise ValueError("thresholds, min_sizes and opening_radii must each be non-empty")
+
+    gts = []
+    for k, (p, g) in enumerate(zip(prob_maps, gt_labels)):
+        g = _as_label_image(g, f"gt_labels[{k}]")
+        if np.shape(p) != g.shape:
+            raise ValueError(f"image {k}: probability shape {np.shape(p)} != GT shape {g.shape}")
+        g_c, _ = _compact(g)
+        gts.append((g_c, int(g_c.max()) if g_c.size else 0))
+
+    rows: list[dict[str, Any]] = []
+    for thr, rad in itertools.product(thresholds, opening_radii):
+        # Per image: component x GT contingency once; each min_size just drops/merges rows of it.
+        per_image = []
+        for p, (g_c, n_g) in zip(prob_maps, gts):
+            labels, sizes = _binary_components(p, thr, fill_holes, int(rad))
+            n_c = sizes.size - 1
+            idx = labels.ravel().astype(np.intp) * (n_g + 1) + g_c.ravel()
+            cont = np.bincount(idx, minlength=(n_c + 1) * (n_g + 1)).reshape(n_c + 1, n_g + 1)
+            per_image.append((cont, sizes))
+        for ms in min_sizes:
+            tot = dict(tp=0, fp=0, fn=0, s_dice=0.0, s_area=0, g_dice=0.0, g_area=0)
+            for cont, sizes in per_image:
+                keep = sizes >= ms
+                keep[0] = True  # background row; removed objects' pixels join it
+                c = cont[keep].copy()
+                c[0] += cont[~keep].sum(axis=0)
+                d = _detection_and_dice(c, "default", "strict")
+                tot["tp"] += d["tp"]
+                tot["fp"] += d["fp"]
+                tot["fn"] += d["fn"]
+                tot["s_dice"] += d["s_dice_sum"]
+                tot["g_dice"] += d["g_dice_sum"]
+                tot["s_area"] += int(d["s_area"].sum())
+                tot["g_area"] += int(d["g_area"].sum())
+            rows.append({
+                "threshold": float(thr),
+                "opening_radius": int(rad),
+                "min_size": int(ms),
+                "fill_holes": bool(fill_holes),
+                "f1": _f1(tot["tp"], tot["fp"], tot["fn"]),
+                "object_dice": _combine(tot["s_dice"], tot["s_area"], tot["g_dice"], tot["g_area"],
+                                        hausdorff=False),
+                "tp": tot["tp"],
+                "fp": tot["fp"],
+                "fn": tot["fn"],
+            })
+    best_row = max(enumerate(rows), key=lambda t: (t[1]["f1"], t[1]["object_dice"], -t[0]))[1]
+    best = {k: best_row[k] for k in ("threshold", "fill_holes", "opening_radius", "min_size")}
+    return best, rows

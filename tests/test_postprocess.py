@@ -1,0 +1,97 @@
+"""Post-processing: probability map -> instances, and the grid search on validation images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from micronet_jax.metrics import glas_metrics
+from micronet_jax.postprocess import probability_to_instances, tune_postprocess
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray]:
+    """A probability map with a ring (hole), a faint blob, and a small speck; plus its GT."""
+    p = np.zeros((60, 80), np.float32)
+    gt = np.zeros((60, 80), np.int32)
+    p[5:25, 5:25] = 0.9
+    p[12:18, 12:18] = 0.1  # hole inside the first gland
+    gt[5:25, 5:25] = 1
+    p[30:55, 40:75] = 0.6  # faint gland: lost at threshold 0.7
+    gt[30:55, 40:75] = 2
+    p[50:55, 5:10] = 0.95  # 25-px speck, not in GT
+    return p, gt
+
+
+def test_probability_to_instances_basic() -> None:
+    p, _ = _scene()
+    lab = probability_to_instances(p, threshold=0.5, min_size=30)
+    assert lab.dtype == np.int32 and lab.shape == p.shape
+    assert sorted(np.unique(lab)) == [0, 1, 2]  # speck removed, ids consecutive
+    assert (lab[5:25, 5:25] > 0).all()  # hole filled
+    lab = probability_to_instances(p, threshold=0.5, fill_holes=False, min_size=0)
+    assert (lab[12:18, 12:18] == 0).all()
+    assert len(np.unique(lab)) - 1 == 3
+
+
+def test_threshold_is_strict_and_min_size_inclusive() -> None:
+    p = np.zeros((10, 10), np.float32)
+    p[2:5, 2:5] = 0.5
+    assert probability_to_instances(p, threshold=0.5, min_size=0).max() == 0
+    p[2:5, 2:5] = 0.51
+    assert probability_to_instances(p, threshold=0.5, min_size=9).max() == 1
+    assert probability_to_instances(p, threshold=0.5, min_size=10).max() == 0
+
+
+def test_eight_connectivity() -> None:
+    p = np.zeros((6, 6), np.float32)
+    p[1:3, 1:3] = 1
+    p[3:5, 3:5] = 1  # touches diagonally
+    assert probability_to_instances(p, min_size=0).max() == 1
+
+
+def test_opening_breaks_thin_bridge() -> None:
+    p = np.zeros((30, 50), np.float32)
+    p[5:25, 2:20] = 1
+    p[5:25, 30:48] = 1
+    p[14:16, 20:30] = 1  # 2-px bridge
+    assert probability_to_instances(p, min_size=0).max() == 1
+    assert probability_to_instances(p, opening_radius=2, min_size=0).max() == 2
+
+
+def test_tune_postprocess_picks_best_and_matches_direct_scoring() -> None:
+    p, gt = _scene()
+    p2, gt2 = np.flip(p, 1).copy(), np.flip(gt, 1).copy()
+    thresholds, min_sizes, radii = (0.5, 0.7), (0, 30, 2000), (0, 1)
+    best, rows = tune_postprocess([p, p2], [gt, gt2], thresholds, min_sizes, radii)
+    assert len(rows) == len(thresholds) * len(min_sizes) * len(radii)
+    assert best["threshold"] == 0.5 and best["min_size"] == 30 and best["opening_radius"] == 0
+    # Every row equals the full metric on the directly post-processed images.
+    for r in rows:
+        kw = {k: r[k] for k in ("threshold", "min_size", "opening_radius", "fill_holes")}
+        preds = [probability_to_instances(x, **kw) for x in (p, p2)]
+        m = glas_metrics(preds, [gt, gt2])
+        assert (r["tp"], r["fp"], r["fn"]) == (m["tp"], m["fp"], m["fn"])
+        assert r["f1"] == pytest.approx(m["f1"])
+        assert r["object_dice"] == pytest.approx(m["object_dice"])
+    # best is directly usable as keyword arguments.
+    assert probability_to_instances(p, **best).max() == 2
+
+
+def test_tune_postprocess_tie_break_by_dice() -> None:
+    # Both thresholds find the single gland (same F1); the lower one matches its extent exactly.
+    p = np.zeros((40, 40), np.float32)
+    p[5:35, 5:35] = 0.6
+    p[7:33, 7:33] = 0.9  # 676 of 900 px: still a TP
+    gt = np.zeros((40, 40), np.int32)
+    gt[5:35, 5:35] = 1
+    best, rows = tune_postprocess([p], [gt], thresholds=(0.8, 0.5), min_sizes=(0,))
+    assert rows[0]["f1"] == rows[1]["f1"] == 1.0
+    assert best["threshold"] == 0.5
+
+
+def test_tune_postprocess_validates() -> None:
+    p, gt = _scene()
+    with pytest.raises(ValueError, match="probability maps"):
+        tune_postprocess([p], [gt, gt], (0.5,), (0,))
+    with pytest.raises(ValueError, match="image 0"):
+        tune_postprocess([p[:10]], [gt], (0.5,), (0,))
