@@ -1,0 +1,143 @@
+"""The command line: ``python -m micronet_jax.main --config configs/NAME.py [--config.a.b=v] --mode=MODE``.
+
+Modes:
+  summary   print the layer table, parameter count and FLOPs without allocating weights
+  train     train (or resume) in --workdir, then validate and write reports
+  evaluate  score a checkpoint on a split with the GlaS metrics (report.json, per_image.csv, table)
+  predict   segment every image in --input and write label PNGs, overlays and a CSV
+
+This file only parses flags and hands over; everything else is importable without flags.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# Errors that mean "the input or the config is wrong": shown as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Path to a config file in configs/ (e.g. configs/default.py), optionally followed by ':ARG'. "
+    "Override any field with --config.section.key=value; unknown keys are an error.",
+    lock_config=True,
+)
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["summary", "train", "evaluate", "predict"],
+    "summary: layer table and FLOPs; train: train/resume in --workdir; evaluate: GlaS metrics of a "
+    "checkpoint on --config.eval.split; predict: segment the images in --input.",
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "Run directory: checkpoints, config.json, metrics.jsonl, TensorBoard events, reports. A workdir "
+    "that already holds checkpoints is resumed.",
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None,
+    "evaluate/predict: a workdir (its best checkpoint, else its latest) or one checkpoint step "
+    "folder. Defaults to --workdir.",
+)
+_INPUT = flags.DEFINE_string("input", None, "predict: a folder of images (any size; PNG/BMP/TIFF/JPEG).")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "evaluate/predict: where to write results (default: WORKDIR/eval_SPLIT or WORKDIR/predict)."
+)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """Parses flags, turning a bad config override or config file into one line that names it."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        _exit_with(_describe_flag_error(e, argv))
+
+
+def _describe_flag_error(error: BaseException, argv: list[str]) -> str:
+    """One readable line for a flag error; for a config override it names the offending key."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if isinstance(chain[-1], (AttributeError, KeyError)):
+        bad_key = str(chain[-1].args[0] if chain[-1].args else chain[-1]).strip("'\"")
+        hints = [str(e) for e in chain if "Did you mean" in str(e)]
+        hint = hints[0][hints[0].index("Did you mean"):].strip("'\"") if hints else ""
+        for arg in argv[1:]:
+            key = arg.split("=", 1)[0].lstrip("-")
+            if key.startswith("config.") and bad_key in key.split("."):
+                return f"unknown config key {key[len('config.'):]!r}. {hint}".strip()
+        return f"unknown config key {bad_key!r}. {hint}".strip()
+    return str(error)
+
+
+def _exit_with(message: str) -> None:
+    print(f"error: {message}\nRun with --help to see the flags.", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/default.py")
+    try:
+        platform = config.platform
+    except OSError as e:  # ml_collections defers a failed config-file load to first access.
+        _exit_with(f"could not load --config: {str(e).splitlines()[-1].strip()}")
+    try:
+        _run_mode(config, platform)
+    except USER_ERRORS as e:
+        if os.environ.get("MICRONET_DEBUG"):
+            raise
+        _exit_with(f"{e}\n(set MICRONET_DEBUG=1 to see the traceback)")
+
+
+def _run_mode(config, platform: str | None) -> None:
+    """Dispatches on --mode; errors caused by bad input surface as one message (see main)."""
+    if platform:
+        # Must happen before JAX initialises a backend.
+        os.environ["JAX_PLATFORMS"] = platform
+
+    if _MODE.value == "summary":
+        from micronet_jax.models import build_model
+        from micronet_jax.models.summary import format_summary
+
+        print(format_summary(build_model(config.model)))
+        return
+
+    if _MODE.value == "train":
+        if not _WORKDIR.value:
+            raise app.UsageError("--workdir is required for --mode=train")
+        from micronet_jax import train
+
+        train.train_and_evaluate(config, _WORKDIR.value)
+        return
+
+    from micronet_jax import evaluate
+
+    checkpoint = _CHECKPOINT.value or _WORKDIR.value
+    if not checkpoint:
+        raise app.UsageError(f"--checkpoint (or --workdir) is required for --mode={_MODE.value}")
+    if _MODE.value == "evaluate":
+        evaluate.evaluate_checkpoint(config, checkpoint, output_dir=_OUTPUT.value)
+    else:
+        if not _INPUT.value:
+            raise app.UsageError("--input (a folder of images) is required for --mode=predict")
+        evaluate.predict_folder(config, checkpoint, _INPUT.value, output_dir=_OUTPUT.value)
+
+
+def run() -> None:
+    """Console entry point."""
+    logging.set_verbosity(logging.INFO)
+    # JAX logs every accelerator plugin it fails to find at INFO; only our own progress is wanted.
+    pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.WARNING)
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,202 @@
+"""Micro-Net against the spec: parameter counts and shapes at full width (eval_shape, no weights),
+and real forward/backward passes at reduced width on the CPU."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from micronet_jax.config import base_config
+from micronet_jax.models import build_model, resize_targets
+from micronet_jax.models.summary import abstract_variables, count_params, forward_flops
+
+
+def make_model(**overrides):
+    config = base_config()
+    for key, value in overrides.items():
+        setattr(config.model, key, value)
+    return build_model(config.model)
+
+
+def shapes_of(model, batch=2):
+    variables = abstract_variables(model)
+    x = jax.ShapeDtypeStruct((batch, model.variant, model.variant, 3), jnp.float32)
+    out, state = jax.eval_shape(
+        lambda v, x: model.apply(v, x, mutable=["intermediates"]), variables, x
+    )
+    inter = {k: tuple(v[0].shape) for k, v in state["intermediates"].items()}
+    return variables, out, inter
+
+
+def test_resize_targets_follow_the_spec():
+    assert resize_targets(508) == [256, 128, 64, 32]
+    assert resize_targets(252) == [128, 64, 32, 16]
+
+
+def test_micronet_508_full_width_matches_spec():
+    variables, out, inter = shapes_of(make_model(variant=508))
+    assert count_params(variables["params"]) == 457_038_472
+    for name in ("main", "aux1", "aux2", "aux3"):
+        assert out[name].shape == (2, 508, 508, 2)
+        assert out[name].dtype == jnp.float32
+    n = 2
+    assert inter == {
+        "B1_out": (n, 252, 252, 128), "B2_out": (n, 124, 124, 256), "B3_out": (n, 60, 60, 512),
+        "B4_out": (n, 28, 28, 1024), "B5_out": (n, 8, 8, 2048), "B6_out": (n, 16, 16, 2048),
+        "B7_out": (n, 32, 32, 1024), "B8_out": (n, 64, 64, 512), "B9_out": (n, 128, 128, 256),
+        "B10_out": (n, 256, 256, 128), "FM1_out": (n, 510, 510, 64), "FM2_out": (n, 510, 510, 128),
+        "FM3_out": (n, 510, 510, 256), "concat_out": (n, 510, 510, 448),
+    }
+
+
+def test_micronet_252_full_width_matches_spec():
+    variables, out, inter = shapes_of(make_model(variant=252), batch=1)
+    assert count_params(variables["params"]) == 184_396_424
+    assert out["main"].shape == (1, 252, 252, 2)
+    assert inter["B4_out"] == (1, 12, 12, 1024)
+    assert inter["B5_out"] == (1, 8, 8, 2048)
+    assert inter["B9_out"] == (1, 128, 128, 128)
+    assert inter["concat_out"] == (1, 254, 254, 448)
+    assert "B10_out" not in inter
+
+
+def test_micronet_minus_drops_exactly_the_resized_input_branches():
+    full = count_params(abstract_variables(make_model())["params"])
+    minus = count_params(abstract_variables(make_model(multires=False))["params"])
+    # Spec §6: removing conv3/conv4 of B1..B4 and halving the inputs of B2..B4 conv1, B5.conv1 and
+    # the group-3 skip convTs gives 425,483,720.
+    assert minus == 425_483_720
+    branch = sum((9 * 3 * c + c) + (9 * c * c + c) for c in (64, 128, 256, 512))
+    halved_inputs = 9 * (64 * 128 + 128 * 256 + 256 * 512 + 512 * 2048)  # B2..B5 conv1
+    halved_skips = 25 * (512 * 1024 + 256 * 512 + 128 * 256 + 64 * 128)  # B7..B10 up3
+    assert full - minus == branch + halved_inputs + halved_skips
+
+
+def test_batch_norm_adds_tiatoolbox_parameter_count():
+    variables = abstract_variables(make_model(batch_norm=True))
+    assert count_params(variables["params"]) == 457_042_312
+    assert "batch_stats" in variables
+
+
+def test_forward_flops_match_spec():
+    assert forward_flops(make_model()) == pytest.approx(1.337e12, rel=1e-3)
+    assert forward_flops(make_model(variant=252)) == pytest.approx(0.2894e12, rel=1e-3)
+
+
+@pytest.mark.parametrize("variant,size", [(508, 500), (508, 252), (252, 508)])
+def test_wrong_input_size_points_to_tiling(variant, size):
+    model = make_model(variant=variant, width=1 / 64)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    with pytest.raises(ValueError, match=rf"only inputs of shape \(N, {variant}.*tiled"):
+        jax.eval_shape(lambda k, x: model.init(k, x), jax.random.key(0), x)
+
+
+def test_bad_config_values_name_the_key():
+    for key, value in [("variant", 300), ("dtype", "float16"), ("dropout", 1.0), ("width", 0)]:
+        with pytest.raises(ValueError, match=f"model.{key}"):
+            make_model(**{key: value})
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = make_model(width=1 / 64, dtype="bfloat16")
+    variables = abstract_variables(model)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    x = jax.ShapeDtypeStruct((1, 508, 508, 3), jnp.float32)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+    assert out["main"].dtype == jnp.float32
+
+
+def test_width_multiplier_and_classes():
+    model = make_model(width=1 / 16, num_classes=3)
+    _, out, inter = shapes_of(model, batch=1)
+    assert out["aux3"].shape == (1, 508, 508, 3)
+    assert inter["B1_out"] == (1, 252, 252, 8)  # 2 x (64 / 16)
+    assert inter["concat_out"] == (1, 510, 510, 28)  # (64 + 128 + 256) / 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 1/32-width Micro-Net-508 with real weights: small enough for the CPU."""
+    model = make_model(width=1 / 32, dtype="float32")
+    x = jax.random.normal(jax.random.key(0), (1, 508, 508, 3))
+    params = jax.jit(model.init)(jax.random.key(1), x)["params"]
+    return model, params, x
+
+
+class ForwardTest(chex.TestCase):
+    """The same numbers with and without jit (chex.variants), since users call the model both ways."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_eval_forward_is_deterministic_and_finite(self):
+        model = make_model(width=1 / 64, dtype="float32")
+        x = jax.random.normal(jax.random.key(0), (1, 508, 508, 3))
+        params = jax.jit(model.init)(jax.random.key(1), x)["params"]
+        out = self.variant(lambda p, x: model.apply({"params": p}, x))(params, x)
+        reference = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
+        chex.assert_tree_all_finite(out)
+        chex.assert_trees_all_close(out, reference, rtol=1e-4, atol=1e-5)
+
+
+class TestReducedWidthOnCpu:
+    def test_forward_backward_is_finite(self, tiny):
+        model, params, x = tiny
+        labels = (x[..., 0] > 0).astype(jnp.int32)
+
+        def loss_fn(params, rng):
+            out = model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+            total = 0.0
+            for logits in out.values():
+                logp = jax.nn.log_softmax(logits)
+                total -= jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
+            return total
+
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, jax.random.key(3))
+        assert np.isfinite(float(loss))
+        chex.assert_tree_all_finite(grads)
+        norms = jax.tree.map(lambda g: float(jnp.linalg.norm(g)), grads)
+        assert all(n > 0 for n in jax.tree.leaves(norms)), "every layer must receive gradient"
+    def test_dropout_responds_to_train_mode(self, tiny):
+        model, params, x = tiny
+        apply = jax.jit(
+            lambda p, x, k: model.apply({"params": p}, x, train=True, rngs={"dropout": k})
+        )
+        eval_apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+        a = apply(params, x, jax.random.key(0))
+        b = apply(params, x, jax.random.key(1))
+        e1, e2 = eval_apply(params, x), eval_apply(params, x)
+        for name in ("main", "aux1", "aux2", "aux3"):
+            assert not np.allclose(a[name], b[name]), f"{name}: dropout is off in train mode"
+            np.testing.assert_array_equal(e1[name], e2[name])
+            assert not np.allclose(a[name], e1[name])
+
+    def test_remat_gives_the_same_gradients(self, tiny):
+        model, params, x = tiny
+        remat_model = make_model(width=1 / 32, dtype="float32", remat=True)
+
+        def grads(m):
+            f = lambda p: jnp.mean(m.apply({"params": p}, x)["main"] ** 2)  # noqa: E731
+            return jax.jit(jax.grad(f))(params)
+
+        chex.assert_trees_all_close(grads(model), grads(remat_model), rtol=1e-5, atol=1e-7)
+
+    def test_xla_and_fast_transposed_convs_agree_in_the_model(self, tiny):
+        model, params, x = tiny
+        xla_model = make_model(width=1 / 32, dtype="float32", transpose_impl="xla")
+        fast = jax.jit(lambda p: model.apply({"params": p}, x))(params)
+        slow = jax.jit(lambda p: xla_model.apply({"params": p}, x))(params)
+        chex.assert_trees_all_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_and_batch_norm_switches_run():
+    model = make_model(width=1 / 64, dtype="float32", activation="relu", batch_norm=True)
+    x = jnp.ones((2, 508, 508, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    out, updates = jax.jit(
+        lambda v: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)},
+                              mutable=["batch_stats"])
+    )(variables)
+    assert math.isfinite(float(out["main"].sum()))
+    assert "batch_stats" in updates
