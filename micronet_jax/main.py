@@ -133,9 +133,10 @@ def _run_mode(config, platform: str | None) -> None:
 
 def run() -> None:
     """Console entry point."""
-    logging.set_verbosity(logging.INFO)
-    # JAX logs every accelerator plugin it fails to find at INFO; only our own progress is wanted.
-    pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.WARNING)
+    # Libraries (orbax, JAX's backend probing, grain) log through absl at INFO in great detail;
+    # show their warnings only, and this package's own progress at INFO.
+    logging.set_verbosity(logging.WARNING)
+    pylogging.getLogger("micronet_jax").setLevel(pylogging.INFO)
     app.run(main, flags_parser=_parse_flags)
 
 

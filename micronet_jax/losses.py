@@ -1,0 +1,91 @@
+"""The paper's loss and learning-rate schedule as pure functions (spec §4, §7.9-10, §8).
+
+l = l_o + (l_a1 + l_a2 + l_a3) / epoch, with epoch counted from 1, where each l_k is a weighted
+cross-entropy over the pixels of the batch with the U-Net weight map. Logits arrive in float32 and
+the weight-map multiply and the reductions stay in float32, whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean over batch and pixels of w(x) * -log p(x; y(x)).
+
+    The paper writes a sum; the mean only rescales it, and using the same normalisation for all four
+    outputs keeps the 1/epoch auxiliary weight meaningful (spec §8).
+    """
+    logits = logits.astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.mean(weights.astype(jnp.float32) * nll)
+
+
+def aux_weight(step: jax.Array, steps_per_epoch: int, enabled: bool = True) -> jax.Array:
+    """1/epoch with epoch counted from 1 (spec §7.10): 1, 1/2, 1/3, ... per epoch; 0 when disabled."""
+    if not enabled:
+        return jnp.zeros((), jnp.float32)
+    epoch = jnp.floor_divide(step, steps_per_epoch).astype(jnp.float32) + 1.0
+    return 1.0 / epoch
+
+
+def micronet_loss(
+    outputs: dict[str, jax.Array],
+    labels: jax.Array,
+    weights: jax.Array,
+    aux_scale: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and its parts: main plus ``aux_scale`` times the sum of the three auxiliary losses."""
+    parts = {name: weighted_cross_entropy(logits, labels, weights) for name, logits in outputs.items()}
+    aux = parts["aux1"] + parts["aux2"] + parts["aux3"]
+    total = parts["main"] + aux_scale * aux
+    return total, {f"loss_{k}": v for k, v in parts.items()}
+
+
+def learning_rate_schedule(
+    train_config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
+    """The configured schedule over optimizer steps.
+
+    paper: lr_e = lr0 * 10^(-e/5) for epoch e = 0, 1, ... (stepped per epoch, computed from lr0,
+    spec §4, §7.9); constant; cosine: decay to 0 over the run. An optional linear warm-up precedes any.
+    """
+    lr0 = float(train_config.learning_rate)
+    name = train_config.schedule
+    if name == "paper":
+
+        def schedule(step):
+            epoch = jnp.floor_divide(step, steps_per_epoch)
+            return lr0 * jnp.power(10.0, -epoch / 5.0)
+
+    elif name == "constant":
+        schedule = optax.constant_schedule(lr0)
+    elif name == "cosine":
+        schedule = optax.cosine_decay_schedule(lr0, max(1, total_steps - train_config.warmup_steps))
+    else:
+        raise ValueError(f"config train.schedule={name!r} is not one of 'paper', 'constant', 'cosine'")
+    warmup = int(train_config.warmup_steps)
+    if warmup > 0:
+        ramp = optax.linear_schedule(0.0, lr0, warmup)
+        return optax.join_schedules([ramp, schedule], [warmup])
+    return schedule
+
+
+def make_optimizer(
+    train_config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """Adam (spec §7.9: the paper does not name it; Adam with betas 0.9/0.999 is the resolution)."""
+    if train_config.optimizer not in ("adam", "adamw"):
+        raise ValueError(f"config train.optimizer={train_config.optimizer!r} is not 'adam' or 'adamw'")
+    parts = []
+    if train_config.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
+    if train_config.optimizer == "adamw" or train_config.weight_decay > 0:
+        parts.append(optax.adamw(schedule, train_config.b1, train_config.b2,
+                                 weight_decay=train_config.weight_decay))
+    else:
+        parts.append(optax.adam(schedule, train_config.b1, train_config.b2))
+    return optax.chain(*parts)

@@ -1,0 +1,554 @@
+"""Training: a jitted, sharded step over a device mesh, and the loop around it.
+
+The functional core is :func:`make_train_step` (state, batch) -> (state, metrics), a pure function
+that ``jax.jit`` compiles once with explicit shardings and a donated state. Everything with side
+effects (data, checkpoints, logs, validation, progress) lives in :func:`train_and_evaluate`.
+
+Layout: a 1-D mesh over every device of every process, axis ``data``. Parameters and optimizer
+state are replicated; the batch is split on ``data``. The same code runs on one CPU, 8 GPUs or a TPU
+pod slice: under ``jit`` the result does not depend on the mesh size (jax_notes.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from micronet_jax import checkpointing, losses
+from micronet_jax.models import MicroNet, build_model
+
+logger = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (donated to the step)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken.
+    params: Any
+    batch_stats: Any  # BatchNorm running statistics ({} when BatchNorm is off).
+    opt_state: Any
+    rng: jax.Array  # uint32[2] base key; each step's dropout key is fold_in(rng, step).
+
+    def variables(self) -> dict[str, Any]:
+        v = {"params": self.params}
+        if self.batch_stats:
+            v["batch_stats"] = self.batch_stats
+        return v
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """Starts JAX's multi-host runtime when configured (must precede any other JAX call).
+
+    With no coordinator given, ``jax.distributed.initialize()`` auto-detects Cloud TPU and SLURM.
+    """
+    d = config.distributed
+    if not d.initialize:
+        return
+    kwargs = {}
+    if d.coordinator_address:
+        kwargs = dict(
+            coordinator_address=d.coordinator_address,
+            num_processes=d.num_processes,
+            process_id=d.process_id,
+        )
+    if (config.platform or os.environ.get("JAX_PLATFORMS", "")) == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over all devices, with Auto axes (Explicit breaks the CE gradient)."""
+    return jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def check_batch(config: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the keys, when the batch cannot be split over devices and micro-batches."""
+    b, k, d = config.train.batch_size, config.train.grad_accum_steps, jax.device_count()
+    if b < 1 or k < 1:
+        raise ValueError(f"config train.batch_size={b} and train.grad_accum_steps={k} must be >= 1")
+    if b % (k * d):
+        raise ValueError(
+            f"config train.batch_size={b} must be divisible by train.grad_accum_steps={k} times the "
+            f"number of devices ({d}); e.g. use --config.train.batch_size={k * d * max(1, b // (k * d))}"
+        )
+    if config.data.crop_size != config.model.variant:
+        raise ValueError(
+            f"config data.crop_size={config.data.crop_size} must equal model.variant="
+            f"{config.model.variant} (the network takes exactly that input size)"
+        )
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+    return max(1, int(config.train.patches_per_epoch) // int(config.train.batch_size))
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+    planned = steps_per_epoch(config) * int(config.train.epochs)
+    if config.train.max_steps is not None:
+        return min(planned, int(config.train.max_steps))
+    return planned
+
+
+# ------------------------------------------------------------------------------------ pure core
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = losses.learning_rate_schedule(config.train, steps_per_epoch(config), total_steps(config))
+    return losses.make_optimizer(config.train, schedule), schedule
+
+
+def init_state(
+    model: MicroNet, tx: optax.GradientTransformation, seed: int
+) -> Callable[[], TrainState]:
+    """A function building the initial state; jit it with out_shardings so it is born sharded."""
+
+    def init() -> TrainState:
+        key = jax.random.PRNGKey(seed)
+        init_key, dropout_key = jax.random.split(key)
+        x = jnp.zeros((1, model.variant, model.variant, 3), jnp.float32)
+        variables = model.init(init_key, x, train=False)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            rng=dropout_key,
+        )
+
+    return init
+
+
+def make_train_step(
+    model: MicroNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    steps_per_epoch: int,
+    aux_loss: bool,
+    grad_accum_steps: int = 1,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step: weighted CE on main + aux outputs (aux weighted 1/epoch), then Adam.
+
+    With ``grad_accum_steps`` = k the batch is split into k micro-batches whose gradients are
+    averaged before one optimizer update (same result as the full batch, for small GPUs).
+    """
+    use_bn = model.batch_norm
+
+    def loss_fn(params, batch_stats, batch, key, aux_scale):
+        variables = {"params": params}
+        if use_bn:
+            variables["batch_stats"] = batch_stats
+        outputs, updates = model.apply(
+            variables, batch["image"], train=True, rngs={"dropout": key},
+            mutable=["batch_stats"] if use_bn else [],
+        )
+        loss, parts = losses.micronet_loss(outputs, batch["label"], batch["weight"], aux_scale)
+        pred = jnp.argmax(outputs["main"], axis=-1)
+        parts["pixel_accuracy"] = jnp.mean((pred == batch["label"]).astype(jnp.float32))
+        return loss, (parts, updates.get("batch_stats", batch_stats) if use_bn else batch_stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(state.rng, state.step)
+        aux_scale = losses.aux_weight(state.step, steps_per_epoch, aux_loss)
+        if grad_accum_steps == 1:
+            (loss, (parts, batch_stats)), grads = grad_fn(
+                state.params, state.batch_stats, batch, key, aux_scale
+            )
+        else:
+            k = grad_accum_steps
+            # Micro-batch j takes rows j, j+k, ...: each device keeps its own rows (no reshuffle).
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), batch
+            )
+
+            def accumulate(carry, inputs):
+                grads_sum, loss_sum, parts_sum, batch_stats = carry
+                j, mb = inputs
+                (l, (p, batch_stats)), g = grad_fn(
+                    state.params, batch_stats, mb, jax.random.fold_in(key, j), aux_scale
+                )
+                add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+                return (add(grads_sum, g), loss_sum + l, add(parts_sum, p), batch_stats), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            parts0 = {f"loss_{n}": 0.0 for n in ("main", "aux1", "aux2", "aux3")}
+            parts0["pixel_accuracy"] = 0.0
+            parts0 = jax.tree.map(lambda v: jnp.zeros((), jnp.float32), parts0)
+            (grads, loss, parts, batch_stats), _ = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros((), jnp.float32), parts0, state.batch_stats),
+                (jnp.arange(k), micro),
+            )
+            grads = jax.tree.map(lambda g: g / k, grads)
+            loss = loss / k
+            parts = jax.tree.map(lambda v: v / k, parts)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        metrics = {
+            "loss": loss,
+            **parts,
+            "aux_weight": aux_scale,
+            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            "grad_norm": grad_norm,
+            "param_norm": optax.global_norm(params),
+            "update_norm": optax.global_norm(updates),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return step
+
+
+@functools.lru_cache(maxsize=None)
+def _replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Replicated parameters and optimizer state (pure data parallelism)."""
+    return jax.tree.map(lambda _: _replicated(mesh), abstract_state)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def compile_train_step(
+    step_fn: Callable, state_sharding: TrainState, mesh: jax.sharding.Mesh
+) -> Callable:
+    """jit with explicit shardings and the state donated (its buffers are reused for the new state)."""
+    data = batch_sharding(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, data),
+        out_shardings=(state_sharding, _replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Assembles this process's slice of the batch into one global, data-sharded array per key."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------- loop
+
+
+class Trainer:
+    """Holds what the loop needs: model, optimizer, mesh, compiled step and the abstract state."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        check_batch(config)
+        self.config = config
+        self.model = build_model(config.model)
+        self.tx, self.schedule = make_optimizer(config)
+        self.mesh = make_mesh()
+        self.steps_per_epoch = steps_per_epoch(config)
+        self.total_steps = total_steps(config)
+        init = init_state(self.model, self.tx, int(config.seed))
+        self.abstract_state = jax.eval_shape(init)
+        self.state_sharding = state_shardings(self.abstract_state, self.mesh)
+        self._init = jax.jit(init, out_shardings=self.state_sharding)
+        step_fn = make_train_step(
+            self.model, self.tx, self.schedule,
+            steps_per_epoch=self.steps_per_epoch,
+            aux_loss=bool(config.train.aux_loss),
+            grad_accum_steps=int(config.train.grad_accum_steps),
+        )
+        self.train_step = compile_train_step(step_fn, self.state_sharding, self.mesh)
+
+    def initial_state(self) -> TrainState:
+        return self._init()
+
+    def abstract_targets(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore targets (shape, dtype, sharding) for the two checkpoint items."""
+        s = checkpointing.with_shardings(self.abstract_state, self.state_sharding)
+        return (
+            {"params": s.params, "batch_stats": s.batch_stats},
+            {"opt_state": s.opt_state, "step": s.step, "rng": s.rng},
+        )
+
+    def state_from_items(self, variables: dict[str, Any], opt: dict[str, Any]) -> TrainState:
+        return TrainState(
+            step=opt["step"], params=variables["params"], batch_stats=variables["batch_stats"],
+            opt_state=opt["opt_state"], rng=opt["rng"],
+        )
+
+    def eval_forward(self, state: TrainState) -> Callable[[np.ndarray], np.ndarray]:
+        from micronet_jax.evaluate import make_forward_fn
+
+        return make_forward_fn(self.model, state.variables())
+
+
+class MetricWriter:
+    """metrics.jsonl plus TensorBoard scalars and images, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # The GPU image may lack tensorboardX; jsonl still has everything.
+            logger.warning("tensorboardX is not installed: no TensorBoard events are written")
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{f"{prefix}{k}": _plain(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                v = _plain(v)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}{k}", v, int(step))
+
+    def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        if self.enabled and self._tb is not None:
+            for name, img in images.items():
+                self._tb.add_image(name, img, int(step), dataformats="HWC")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (np.ndarray, jax.Array)):
+        v = v.item()
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        v = v.item()
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return v
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or inf; the last good checkpoint is left untouched."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (resuming from ``workdir`` if it holds checkpoints), validates, and writes reports.
+
+    Returns the final validation summary (GlaS metrics) and the last step.
+    """
+    from micronet_jax import evaluate
+    from micronet_jax.data import load_split
+    from micronet_jax.data.pipeline import TrainSource, make_train_dataset
+
+    maybe_initialize_distributed(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    trainer = Trainer(config)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    logger.info(
+        "devices: %d (%s) in %d process(es); global batch %d, per process %d, per device %d; "
+        "%d steps of %d per epoch",
+        jax.device_count(), jax.devices()[0].platform, jax.process_count(),
+        config.train.batch_size, config.train.batch_size // jax.process_count(),
+        config.train.batch_size // jax.device_count(), trainer.total_steps, trainer.steps_per_epoch,
+    )
+
+    # Data: every process builds the same source and reads its own disjoint slice of each batch.
+    train_examples = load_split(config.data, "train")
+    val_examples = _validation_examples(config)
+    source = TrainSource(
+        train_examples, patch_size=int(config.data.patch_size),
+        weight_map_config=config.data.weight_map,
+    )
+    dataset = make_train_dataset(
+        source, config.data, global_batch_size=int(config.train.batch_size),
+        seed=int(config.seed), process_index=jax.process_index(),
+        process_count=jax.process_count(), crop_size=int(config.data.crop_size),
+    )
+    data_iter = iter(dataset)
+
+    manager = checkpointing.make_manager(
+        os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints)
+    )
+    latest = manager.latest_step()
+    if latest is not None:
+        variables_t, opt_t = trainer.abstract_targets()
+        variables, opt = checkpointing.restore_training(
+            manager, latest, abstract_variables=variables_t, abstract_opt=opt_t, data_iter=data_iter
+        )
+        state = trainer.state_from_items(variables, opt)
+        logger.info("resumed from step %d in %s", latest, workdir)
+    else:
+        state = trainer.initial_state()
+    start_step = int(state.step)
+
+    writer = MetricWriter(workdir)
+    val_f1: float | None = None
+    validated_at = -1
+    last_summary: dict[str, Any] | None = None
+    pending: tuple[int, dict[str, jax.Array]] | None = None
+    bar = tqdm(
+        total=trainer.total_steps, initial=start_step, desc="train", unit="step",
+        disable=not is_main, dynamic_ncols=True,
+    )
+    window_start, window_steps = time.perf_counter(), 0
+
+    def check(step_metrics: tuple[int, dict[str, jax.Array]]) -> dict[str, float]:
+        """Fetches a finished step's metrics and stops the run on a non-finite loss."""
+        s, m = step_metrics
+        host = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not host.pop("finite"):
+            last = manager.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite loss at step {s} (loss={host['loss']}, grad_norm={host['grad_norm']}). "
+                f"Training stopped; the last good checkpoint (step {last}) is kept in {workdir}. "
+                "Try a lower --config.train.learning_rate or --config.train.grad_clip_norm."
+            )
+        return host
+
+    def save(step: int) -> None:
+        checkpointing.save(
+            manager, step,
+            variables={"params": state.params, "batch_stats": state.batch_stats},
+            opt={"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
+            data_iter=data_iter, config=config, val_f1=val_f1 if validated_at == step else None,
+        )
+
+    try:
+        for step in range(start_step, trainer.total_steps):
+            batch = global_batch(next(data_iter), trainer.mesh)
+            state, metrics = trainer.train_step(state, batch)
+            # Check the previous step while this one runs: no host sync on the hot path.
+            if pending is not None:
+                host = check(pending)
+                if pending[0] % config.train.log_every == 0 or pending[0] == start_step + 1:
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_steps * config.train.batch_size / max(elapsed, 1e-9)
+                    host["patches_per_second"] = rate
+                    writer.scalars(pending[0], host, prefix="train/")
+                    bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['learning_rate']:.2e}",
+                                    patches_s=f"{rate:.1f}")
+                    window_start, window_steps = time.perf_counter(), 0
+            pending = (step + 1, metrics)
+            window_steps += 1
+            bar.update(1)
+            done = step + 1
+            eval_now = config.train.eval_every and done % config.train.eval_every == 0
+            save_now = done % config.train.checkpoint_every == 0 or done == trainer.total_steps
+            if (eval_now or save_now) and pending is not None:
+                check(pending)  # Never checkpoint or validate weights that came from a NaN step.
+            if eval_now and val_examples:
+                last_summary = _validate(trainer, state, val_examples, config, writer, done, workdir)
+                val_f1, validated_at = last_summary["f1"], done
+            if save_now and not (done == trainer.total_steps and val_examples):
+                save(done)
+        bar.close()
+        end_step = int(state.step)
+        if val_examples and validated_at != end_step:
+            last_summary = _validate(trainer, state, val_examples, config, writer, end_step, workdir,
+                                     final=True)
+            val_f1, validated_at = last_summary["f1"], end_step
+        if manager.latest_step() != end_step:
+            save(end_step)
+        manager.wait_until_finished()
+        if is_main and val_examples:
+            _write_training_plot(workdir)
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return {"summary": last_summary, "step": int(state.step)}
+
+
+def _validation_examples(config: ml_collections.ConfigDict) -> list[Any]:
+    from micronet_jax.data import load_split
+
+    if config.data.source != "synthetic" and not config.data.val_fraction:
+        return []
+    examples = load_split(config.data, "val")
+    if config.eval.max_images:
+        examples = examples[: int(config.eval.max_images)]
+    return examples
+
+
+def _validate(
+    trainer: Trainer,
+    state: TrainState,
+    examples: list[Any],
+    config: ml_collections.ConfigDict,
+    writer: MetricWriter,
+    step: int,
+    workdir: str,
+    final: bool = False,
+) -> dict[str, Any]:
+    """Whole-image tiled validation with the GlaS metrics; the final one also writes reports."""
+    from micronet_jax import evaluate, visualize
+
+    out = os.path.join(workdir, "eval_val") if final else None
+    result = evaluate.evaluate_examples(
+        trainer.eval_forward(state), examples, config.eval, trainer.model.variant,
+        overlay_dir=os.path.join(out, "overlays") if out else None,
+        progress=jax.process_index() == 0,
+    )
+    s = result["summary"]
+    writer.scalars(step, {k: s[k] for k in ("f1", "object_dice", "object_hausdorff", "pixel_dice",
+                                            "precision", "recall")}, prefix="val/")
+    if config.train.image_summary_every or final:
+        ex = examples[0]
+        writer.images(step, {
+            "val/overlay": visualize.overlay_outlines(ex.image, result["predictions"][0], ex.label),
+            "val/prediction": visualize.colorize_labels(result["predictions"][0]),
+            "val/ground_truth": visualize.colorize_labels(ex.label),
+        })
+    logger.info("step %d validation: F1 %.4f, object Dice %.4f, object Hausdorff %s, pixel Dice %.4f",
+                step, s["f1"], s["object_dice"], s["object_hausdorff"], s["pixel_dice"])
+    if out and jax.process_index() == 0:
+        evaluate.write_report(out, "val", result, {"step": step, "workdir": workdir})
+    return s
+
+
+def _write_training_plot(workdir: str) -> None:
+    """training_curves.png from metrics.jsonl (loss and validation F1 against step)."""
+    from micronet_jax.plots import plot_training_curves
+
+    plot_training_curves(os.path.join(workdir, "metrics.jsonl"),
+                         os.path.join(workdir, "training_curves.png"))
