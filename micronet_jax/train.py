@@ -46,6 +46,7 @@ class TrainState:
     rng: jax.Array  # uint32[2] base key; each step's dropout key is fold_in(rng, step).
 
     def variables(self) -> dict[str, Any]:
+        """Flax variables; an empty BatchNorm collection is left out (orbax drops empty subtrees)."""
         v = {"params": self.params}
         if self.batch_stats:
             v["batch_stats"] = self.batch_stats
@@ -75,16 +76,19 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D data-parallel mesh over all devices, with Auto axes (Explicit breaks the CE gradient)."""
+def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh, over all devices unless given, with Auto axes (Explicit axes break
+    the gradient of the cross-entropy, jax_notes.md)."""
+    devices = list(devices) if devices is not None else jax.devices()
     return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
 
 
-def check_batch(config: ml_collections.ConfigDict) -> None:
+def check_batch(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Fails early, naming the keys, when the batch cannot be split over devices and micro-batches."""
-    b, k, d = config.train.batch_size, config.train.grad_accum_steps, jax.device_count()
+    b, k = config.train.batch_size, config.train.grad_accum_steps
+    d = num_devices if num_devices is not None else jax.device_count()
     if b < 1 or k < 1:
         raise ValueError(f"config train.batch_size={b} and train.grad_accum_steps={k} must be >= 1")
     if b % (k * d):
@@ -208,15 +212,15 @@ def make_train_step(
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         metrics = {
             "loss": loss,
             **parts,
             "aux_weight": aux_scale,
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(params),
-            "update_norm": optax.global_norm(updates),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates),
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         }
         new_state = state.replace(
@@ -268,12 +272,12 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
 class Trainer:
     """Holds what the loop needs: model, optimizer, mesh, compiled step and the abstract state."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        check_batch(config)
+    def __init__(self, config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None):
+        check_batch(config, len(devices) if devices is not None else None)
         self.config = config
         self.model = build_model(config.model)
         self.tx, self.schedule = make_optimizer(config)
-        self.mesh = make_mesh()
+        self.mesh = make_mesh(devices)
         self.steps_per_epoch = steps_per_epoch(config)
         self.total_steps = total_steps(config)
         init = init_state(self.model, self.tx, int(config.seed))
@@ -294,14 +298,12 @@ class Trainer:
     def abstract_targets(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore targets (shape, dtype, sharding) for the two checkpoint items."""
         s = checkpointing.with_shardings(self.abstract_state, self.state_sharding)
-        return (
-            {"params": s.params, "batch_stats": s.batch_stats},
-            {"opt_state": s.opt_state, "step": s.step, "rng": s.rng},
-        )
+        return s.variables(), {"opt_state": s.opt_state, "step": s.step, "rng": s.rng}
 
     def state_from_items(self, variables: dict[str, Any], opt: dict[str, Any]) -> TrainState:
         return TrainState(
-            step=opt["step"], params=variables["params"], batch_stats=variables["batch_stats"],
+            step=opt["step"], params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}),
             opt_state=opt["opt_state"], rng=opt["rng"],
         )
 
@@ -447,7 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def save(step: int) -> None:
         checkpointing.save(
             manager, step,
-            variables={"params": state.params, "batch_stats": state.batch_stats},
+            variables=state.variables(),
             opt={"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
             data_iter=data_iter, config=config, val_f1=val_f1 if validated_at == step else None,
         )
