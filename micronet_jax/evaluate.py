@@ -255,3 +255,53 @@ def predict_folder(
         writer.writerows(rows)
     print(f"predicted {len(rows)} images -> {out}")
     return rows
+
+
+# Grid of the post-processing tuner (``--mode=tune``); spec §7.17: tune on validation images only.
+TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+TUNE_MIN_SIZES = (0, 50, 100, 200, 300, 500, 800, 1200)
+TUNE_OPENING_RADII = (0, 2, 3)
+
+
+def tune_checkpoint(
+    config: ml_collections.ConfigDict, checkpoint: str, output_dir: str | None = None
+) -> dict[str, Any]:
+    """``--mode=tune``: picks threshold, minimum object size and opening on the validation split.
+
+    Refuses the test splits, so Test A/B stay untouched by model selection. Writes ``tuning.csv``
+    (every grid point) and ``best.json``, and prints the overrides to pass to ``--mode=evaluate``.
+    """
+    from micronet_jax.data import load_split
+
+    split = str(config.eval.split)
+    if split not in ("val", "train"):
+        raise ValueError(
+            f"config eval.split={split!r}: post-processing is tuned on the validation split only "
+            "(--config.eval.split=val); Test A/B are for the final, independent scoring"
+        )
+    model, variables, step = load_for_inference(config, checkpoint)
+    examples = load_split(config.data, split)
+    if config.eval.max_images:
+        examples = examples[: int(config.eval.max_images)]
+    result = evaluate_examples(
+        make_forward_fn(model, variables), examples, config.eval, model.variant,
+        keep_probabilities=True,
+    )
+    best, rows = postprocess.tune_postprocess(
+        result["probabilities"], [ex.label for ex in examples],
+        TUNE_THRESHOLDS, TUNE_MIN_SIZES, TUNE_OPENING_RADII, fill_holes=bool(config.eval.fill_holes),
+    )
+    out = output_dir or os.path.join(checkpoint, f"tune_{split}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "tuning.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    best_row = next(r for r in rows if all(r[k] == v for k, v in best.items() if k in r))
+    with open(os.path.join(out, "best.json"), "w") as f:
+        json.dump({"split": split, "step": step, "params": best,
+                   "f1": best_row["f1"], "object_dice": best_row["object_dice"]}, f, indent=2)
+    flags = " ".join(f"--config.eval.{k}={v}" for k, v in best.items() if k != "fill_holes")
+    print(f"best on {split} ({len(examples)} images): F1 {best_row['f1']:.4f}, object Dice "
+          f"{best_row['object_dice']:.4f} with {flags}\n-> {out}")
+    return {"best": best, "rows": rows}

@@ -5,6 +5,7 @@ Modes:
   train     train (or resume) in --workdir, then validate and write reports
   evaluate  score a checkpoint on a split with the GlaS metrics (report.json, per_image.csv, table)
   predict   segment every image in --input and write label PNGs, overlays and a CSV
+  tune      choose post-processing constants on the validation split (never on Test A/B)
 
 This file only parses flags and hands over; everything else is importable without flags.
 """
@@ -29,9 +30,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["summary", "train", "evaluate", "predict"],
+    "mode", "train", ["summary", "train", "evaluate", "predict", "tune"],
     "summary: layer table and FLOPs; train: train/resume in --workdir; evaluate: GlaS metrics of a "
-    "checkpoint on --config.eval.split; predict: segment the images in --input.",
+    "checkpoint on --config.eval.split; predict: segment the images in --input; tune: choose the "
+    "post-processing threshold, minimum size and opening on the validation split.",
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
@@ -125,6 +127,8 @@ def _run_mode(config, platform: str | None) -> None:
         raise app.UsageError(f"--checkpoint (or --workdir) is required for --mode={_MODE.value}")
     if _MODE.value == "evaluate":
         evaluate.evaluate_checkpoint(config, checkpoint, output_dir=_OUTPUT.value)
+    elif _MODE.value == "tune":
+        evaluate.tune_checkpoint(config, checkpoint, output_dir=_OUTPUT.value)
     else:
         if not _INPUT.value:
             raise app.UsageError("--input (a folder of images) is required for --mode=predict")

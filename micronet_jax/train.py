@@ -540,6 +540,7 @@ def _validate(
             "val/overlay": visualize.overlay_outlines(ex.image, result["predictions"][0], ex.label),
             "val/prediction": visualize.colorize_labels(result["predictions"][0]),
             "val/ground_truth": visualize.colorize_labels(ex.label),
+            "val/input": ex.image,
         })
     logger.info("step %d validation: F1 %.4f, object Dice %.4f, object Hausdorff %s, pixel Dice %.4f",
                 step, s["f1"], s["object_dice"], s["object_hausdorff"], s["pixel_dice"])

@@ -88,3 +88,15 @@ def test_missing_checkpoint_names_the_path(tmp_path):
     config = load_config("default", "tiny")
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):
         evaluate.load_for_inference(config, str(tmp_path))
+
+
+def test_tune_on_validation_and_refuse_test_splits(trained, tmp_path):
+    out = tmp_path / "tune"
+    proc = run_main(*TINY, "--mode=tune", f"--checkpoint={trained}", f"--output={out}")
+    best = json.load(open(out / "best.json"))
+    assert best["split"] == "val" and {"threshold", "min_size", "opening_radius"} <= set(best["params"])
+    assert "--config.eval.threshold=" in proc.stdout
+    assert len(list(csv.DictReader(open(out / "tuning.csv")))) == 5 * 8 * 3
+    refused = run_main(*TINY, "--mode=tune", f"--checkpoint={trained}",
+                       "--config.eval.split=testA", check=False)
+    assert refused.returncode == 2 and "validation split only" in refused.stderr
