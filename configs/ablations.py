@@ -1,0 +1,124 @@
+"""Functional ablations of Micro-Net: named variants as small deltas on a base config.
+
+Each variant is a dict of dotted config overrides applied on top of a *sweep*'s base config, so the
+difference between two rows of an ablation table is exactly the keys listed here and nothing else:
+
+* sweep ``cpu``: ``configs/default.py`` (synthetic glands, width 1/16, float32, CPU);
+* sweep ``glas``: ``configs/glas_508.py`` (the paper's recipe on GlaS, full width, bfloat16, one GPU).
+
+One variant as an ordinary training run (``ARG`` = ``VARIANT`` or ``VARIANT,base=SWEEP``)::
+
+    python -m micronet_jax.main --config configs/ablations.py:minus --workdir runs/minus
+    python -m micronet_jax.main --config configs/ablations.py:minus,base=glas \\
+        --config.data.root=/path/to/GlaS --workdir runs/glas_minus
+
+A whole sweep, several seeds per variant trained together in one vmapped step, is
+``python -m micronet_jax.ablation`` (see docs/ablations.md); it reads :data:`VARIANTS`,
+:data:`SWEEPS` and :func:`variant_config` from this file.
+
+Variants whose overrides touch only ``eval.*`` (:func:`is_eval_only`) change nothing in training; the
+sweep runner evaluates them with the *baseline*'s trained weights of the same seed instead of
+retraining, so their difference from the baseline is the post-processing / TTA effect alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import ml_collections
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# variant name -> dotted overrides relative to the sweep's base. Comments say what the switch tests.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},  # Micro-Net as configured by the sweep's base (the paper's recipe for glas).
+    "minus": {"model.multires": False},  # Micro-Net-minus: no resized-input branches (spec §6, §7.21).
+    "no_aux": {"train.aux_loss": False},  # Main-output loss only; the aux heads get no gradient.
+    "no_weight_map": {"data.weight_map.enabled": False},  # Plain (unweighted) cross-entropy.
+    "no_augment": {"data.augment.enabled": False},  # Random crops only.
+    "stain_jitter": {"data.augment.stain_jitter": 0.1},  # Paper augmentation + H&E colour jitter.
+    "relu": {"model.activation": "relu"},  # ReLU instead of the paper's tanh.
+    "batch_norm": {"model.batch_norm": True},  # TIAToolbox's BatchNorm in B1..B4 (spec §7.5).
+    "bf16": {"model.dtype": "bfloat16"},  # bfloat16 compute (a no-op for glas, whose base is bf16).
+    "fp32": {"model.dtype": "float32"},  # float32 compute (a no-op for cpu, whose base is fp32).
+    "tta": {"eval.tta": True},  # 8-way flip/rot90 test-time augmentation (eval only).
+    "pp_open2": {"eval.opening_radius": 2},  # Binary opening, disk radius 2 (eval only).
+    "pp_min100": {"eval.min_size": 100},  # Keep smaller objects (eval only).
+    "pp_min500": {"eval.min_size": 500},  # Drop more small objects (eval only).
+}
+
+# sweep name -> base config file (in configs/) and the variants run when --variants is not given.
+# Each default list leaves out the dtype variant that equals its base.
+SWEEPS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "base": "default.py",
+        "default_variants": [v for v in VARIANTS if v != "fp32"],
+    },
+    "glas": {
+        "base": "glas_508.py",
+        "default_variants": [v for v in VARIANTS if v != "bf16"],
+    },
+}
+
+BASELINE = "baseline"
+
+
+def is_eval_only(variant: str) -> bool:
+    """True when the variant changes only evaluation keys, so baseline weights can be reused."""
+    overrides = VARIANTS[variant]
+    return bool(overrides) and all(k.startswith("eval.") for k in overrides)
+
+
+def base_config(sweep: str = "cpu") -> ml_collections.ConfigDict:
+    """The sweep's base config, loaded from its file in ``configs/`` (configs are not a package)."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; expected one of {', '.join(SWEEPS)}")
+    path = os.path.join(_HERE, SWEEPS[sweep]["base"])
+    spec = importlib.util.spec_from_file_location(f"_micronet_config_{sweep}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+    """Sets dotted keys in place; a key that does not exist in the config is an error naming it."""
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            if p not in node:
+                raise KeyError(f"unknown config key {dotted!r} (no section {p!r})")
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"unknown config key {dotted!r}")
+        node[leaf] = value
+
+
+def variant_config(
+    variant: str, sweep: str = "cpu", overrides: dict[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+    """Base of ``sweep``, then ``overrides`` (e.g. from the command line), then the variant's delta.
+
+    The variant comes last so that a command-line change (say a smaller width) applies to every
+    variant alike and never erases the one switch a variant is about.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ablation variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    config = base_config(sweep)
+    apply_overrides(config, overrides or {})
+    apply_overrides(config, VARIANTS[variant])
+    return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``configs/ablations.py:VARIANT[,base=SWEEP]`` for ``micronet_jax.main``; default baseline, cpu."""
+    parts = [p.strip() for p in (arg or BASELINE).split(",") if p.strip()]
+    variant, sweep = BASELINE, "cpu"
+    for p in parts:
+        if p.startswith("base="):
+            sweep = p.split("=", 1)[1]
+        else:
+            variant = p
+    return variant_config(variant, sweep)

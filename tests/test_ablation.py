@@ -1,0 +1,155 @@
+"""Ablation sweeps: reports and resume of a tiny CPU sweep, and vmapped seeds == seeds trained alone.
+
+Compile budget: the sweep uses baseline and no_weight_map, which differ only in the data pipeline, so
+both train (and evaluate) with one compiled init, one vmapped step and one forward; the equivalence
+test then reuses those (same config, same process) and adds only the plain single-seed step.
+"""
+
+import csv
+import json
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from micronet_jax import ablation
+from micronet_jax.data.pipeline import make_train_dataset
+
+# Width 1/64 on 3 small synthetic images; 2 steps of batch 2 per seed.
+TINY = {
+    "model.width": 1 / 64,
+    "data.synthetic_num_train": 3,
+    "data.synthetic_num_val": 1,
+    "data.synthetic_height": 300,
+    "data.synthetic_width": 330,
+    "data.patch_size": 520,
+    "eval.tile_batch": 1,
+    "eval.min_size": 20,
+    "eval.num_overlays": 0,
+}
+STEPS = 2
+SEEDS = (0, 1)
+# Two trained variants with one compiled program, and one eval-only variant on the baseline's weights.
+VARIANTS = ["baseline", "no_weight_map", "pp_min100"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ablation")
+    rows = ablation.run_sweep(workdir, sweep="cpu", variants=VARIANTS,
+                              seeds=SEEDS, overrides=TINY, steps=STEPS)
+    return workdir, rows
+
+
+def test_sweep_writes_reports_and_rerun_skips_finished_runs(sweep):
+    workdir, rows = sweep
+    assert [(r["variant"], r["seed"], r["status"]) for r in rows] == [
+        ("baseline", 0, "ran"), ("baseline", 1, "ran"),
+        ("no_weight_map", 0, "ran"), ("no_weight_map", 1, "ran"),
+        ("pp_min100", 0, "ran"), ("pp_min100", 1, "ran"),
+    ]
+    with open(workdir / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6
+    assert set(ablation.CSV_COLUMNS) == set(table[0])
+    for row in table:
+        assert int(row["steps"]) == STEPS
+        assert np.isfinite(float(row["final_train_loss"]))
+        assert 0.0 <= float(row["f1"]) <= 1.0 and 0.0 <= float(row["pixel_dice"]) <= 1.0
+        assert row["trained_with"] == "vmap x2"
+    md = (workdir / "results.md").read_text()
+    assert "| baseline | 2 |" in md and "| no_weight_map | 2 |" in md and "±" in md
+    assert "reuse the baseline weights" in md
+    # The eval-only variant was not trained: it reports the baseline's training and weights.
+    by = {(r["variant"], r["seed"]): r for r in rows}
+    for s in SEEDS:
+        assert by[("pp_min100", s)]["weights_from"] == "baseline" and by[("pp_min100", s)]["eval_only"]
+        assert by[("pp_min100", s)]["final_train_loss"] == by[("baseline", s)]["final_train_loss"]
+    assert not ablation.run_dir(workdir, "pp_min100", 0).joinpath("params.msgpack").exists()
+    assert (workdir / "results.png").stat().st_size > 5000
+    for v in ("baseline", "no_weight_map"):
+        for s in SEEDS:
+            d = ablation.run_dir(workdir, v, s)
+            assert (d / "result.json").exists() and (d / "params.msgpack").exists()
+    # The two data streams of one variant differ, so its seeds are really different runs.
+    r0, r1 = (json.loads((ablation.run_dir(workdir, "baseline", s) / "train.json").read_text())
+              for s in SEEDS)
+    assert r0["losses"] != r1["losses"]
+
+    # A rerun trains and evaluates nothing: every run is read back, and the reports are rewritten.
+    (workdir / "results.csv").unlink()
+    start = time.perf_counter()
+    again = ablation.run_sweep(workdir, sweep="cpu", variants=VARIANTS,
+                               seeds=SEEDS, overrides=TINY, steps=STEPS)
+    assert time.perf_counter() - start < 15
+    assert {r["status"] for r in again} == {"skipped"}
+    assert [r["f1"] for r in again] == [r["f1"] for r in rows]
+    assert (workdir / "results.csv").exists()
+
+    # Asking the same workdir for a different config is refused instead of mixing results.
+    with pytest.raises(ValueError, match="different config"):
+        ablation.run_sweep(workdir, sweep="cpu", variants=["baseline"], seeds=SEEDS,
+                           overrides=TINY, steps=STEPS + 1, write_outputs=False)
+
+
+def test_vmapped_seeds_match_seeds_trained_alone(sweep):
+    """Two steps of jit(vmap(step)) over seeds [0, 1] == two steps of jit(step) per seed."""
+    config = ablation.load_ablation_module().variant_config(
+        "baseline", "cpu", {**TINY, "train.max_steps": STEPS})
+    vmapped, records = ablation.train_seeds(config, SEEDS, vmap_seeds=True)
+
+    # The reference: the trainer's pure pieces, one seed at a time, each seed's own data stream.
+    programs = ablation._programs(config)
+    model, tx = programs.model, programs.tx
+    step = jax.jit(programs.step_fn)
+    init = jax.jit(ablation.make_seed_init(model, tx))
+    source = ablation._train_source(config)
+    alone = []
+    for seed in SEEDS:
+        state = init(jnp.int32(seed))
+        batches = iter(make_train_dataset(source, config.data, global_batch_size=2, seed=seed,
+                                          crop_size=508))
+        for _ in range(STEPS):
+            state, metrics = step(state, next(batches))
+        alone.append(jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
+        np.testing.assert_allclose(float(metrics["loss"]), records[SEEDS.index(seed)].losses[-1],
+                                   rtol=1e-4)
+
+    for seed in SEEDS:
+        chex.assert_trees_all_close(vmapped[seed], alone[seed], rtol=1e-4, atol=1e-5)
+    # Different seeds give different models (the seed axis is not broadcast by mistake).
+    a = jax.tree.leaves(vmapped[0]["params"])
+    b = jax.tree.leaves(vmapped[1]["params"])
+    assert any(not np.allclose(x, y) for x, y in zip(a, b))
+    # The traced seed used by make_seed_init keys exactly like the trainer's constant seed.
+    np.testing.assert_array_equal(jax.random.PRNGKey(jnp.int32(1)), jax.random.PRNGKey(1))
+    # And the sweep's saved weights of seed 0 are the ones this training reproduces.
+    saved = ablation.restore_variables(ablation.run_dir(sweep[0], "baseline", 0))
+    chex.assert_trees_all_close(saved["params"], vmapped[0]["params"], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_help_lists_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--sweep", "--variants", "--seeds", "--workdir", "--steps", "--vmap-seeds"):
+        assert flag in out
+
+
+def test_variant_configs_change_only_their_keys():
+    abl = ablation.load_ablation_module()
+    base = abl.variant_config("baseline", "cpu")
+    minus = abl.get_config("minus")
+    assert base.model.multires and not minus.model.multires
+    assert minus.model.width == base.model.width
+    glas_minus = abl.get_config("minus,base=glas")
+    assert glas_minus.data.source == "glas" and glas_minus.model.dtype == "bfloat16"
+    assert abl.is_eval_only("tta") and abl.is_eval_only("pp_min500") and not abl.is_eval_only("minus")
+    with pytest.raises(KeyError, match="model.widht"):
+        abl.variant_config("baseline", "cpu", {"model.widht": 0.5})
+    assert ablation.parse_config_overrides(["--config.model.width=1/64", "--config.train.aux_loss=false"]) == {
+        "model.width": 1 / 64, "train.aux_loss": False}
