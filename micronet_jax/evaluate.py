@@ -38,13 +38,20 @@ PAPER_RESULTS = {
 IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
 
 
-def make_forward_fn(model: MicroNet, variables: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A jitted tile forward returning the main head's logits (the auxiliary heads are training-only)."""
+def jit_tile_forward(model: MicroNet) -> Callable[[Any, jax.Array], jax.Array]:
+    """The jitted tile forward (variables, tiles) -> main-head logits; the aux heads are training-only.
 
-    @jax.jit
-    def forward(variables, tiles):
-        return model.apply(variables, tiles, train=False)["main"]
+    Weights are an argument, not a closure constant, so one compiled program serves every
+    checkpoint and every validation round of a run.
+    """
+    return jax.jit(lambda variables, tiles: model.apply(variables, tiles, train=False)["main"])
 
+
+def make_forward_fn(
+    model: MicroNet, variables: Any, compiled: Callable[[Any, jax.Array], jax.Array] | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Binds weights to a tile forward (pass ``compiled`` from :func:`jit_tile_forward` to reuse it)."""
+    forward = compiled or jit_tile_forward(model)
     return lambda tiles: np.asarray(forward(variables, jnp.asarray(tiles, jnp.float32)))
 
 

@@ -291,6 +291,7 @@ class Trainer:
             grad_accum_steps=int(config.train.grad_accum_steps),
         )
         self.train_step = compile_train_step(step_fn, self.state_sharding, self.mesh)
+        self._tile_forward = None
 
     def initial_state(self) -> TrainState:
         return self._init()
@@ -308,9 +309,12 @@ class Trainer:
         )
 
     def eval_forward(self, state: TrainState) -> Callable[[np.ndarray], np.ndarray]:
-        from micronet_jax.evaluate import make_forward_fn
+        """The tile forward for validation, compiled once per run and fed the current weights."""
+        from micronet_jax.evaluate import jit_tile_forward, make_forward_fn
 
-        return make_forward_fn(self.model, state.variables())
+        if self._tile_forward is None:
+            self._tile_forward = jit_tile_forward(self.model)
+        return make_forward_fn(self.model, state.variables(), self._tile_forward)
 
 
 class MetricWriter:
@@ -528,7 +532,8 @@ def _validate(
     out = os.path.join(workdir, "eval_val") if final else None
     result = evaluate.evaluate_examples(
         trainer.eval_forward(state), examples, config.eval, trainer.model.variant,
-        overlay_dir=os.path.join(out, "overlays") if out else None,
+        # Every process validates (same weights, same result); only process 0 writes files.
+        overlay_dir=os.path.join(out, "overlays") if out and jax.process_index() == 0 else None,
         progress=jax.process_index() == 0,
     )
     s = result["summary"]
