@@ -85,10 +85,35 @@ def restore_training(
         params=ocp.args.StandardRestore(abstract_variables),
         opt=ocp.args.StandardRestore(abstract_opt),
     )
+    foreign_state = None
     if data_iter is not None:
-        items["data_iter"] = checkpoint_restore_arg(data_iter)
+        foreign_state = _iterator_state_from_other_layout(manager, step)
+        if foreign_state is None:
+            items["data_iter"] = checkpoint_restore_arg(data_iter)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if foreign_state is not None:
+        data_iter.set_state(foreign_state)
     return restored["params"], restored["opt"]
+
+
+def _iterator_state_from_other_layout(manager: ocp.CheckpointManager, step: int) -> Any | None:
+    """The data-iterator state of a checkpoint written by a different number of processes, else None.
+
+    grain saves one ``process_<p>-of-<P>.json`` per host and its handler only reads the file of the
+    current layout, so a 2-host checkpoint would not resume on 1 host (or 4). The state transfers:
+    it counts batches taken (``{"next_index": step}``), which is the same on every process, and the
+    host's slice of each batch comes from the dataset's definition, not the state (pipeline
+    docstring). Any saved process's file therefore positions this process's iterator correctly.
+    """
+    directory = os.path.join(str(manager.directory), str(step), "data_iter")
+    if not os.path.isdir(directory):
+        return None
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    saved = sorted(f for f in os.listdir(directory) if f.startswith("process_") and f.endswith(".json"))
+    if not saved or own in saved:
+        return None
+    with open(os.path.join(directory, saved[0])) as f:
+        return json.load(f)
 
 
 def resolve(path: str) -> tuple[str, int]:
@@ -173,11 +198,29 @@ def restore_variables(
     manager = make_manager(directory, read_only=True)
     try:
         restored = manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_variables))
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_on_default_device(abstract_variables))
+            ),
         )
     finally:
         manager.close()
     return restored["params"], step
+
+
+def _on_default_device(abstract: Any) -> Any:
+    """Places every leaf without a sharding on this process's first device.
+
+    Without a sharding orbax restores onto the devices that wrote the checkpoint, and refuses
+    ("different topology") when those are absent, e.g. weights trained on 8 GPUs or a pod slice and
+    evaluated on one GPU. Leaves that already carry a sharding keep it.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda a: a if getattr(a, "sharding", None) is not None
+        else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        abstract,
+    )
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
