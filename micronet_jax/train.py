@@ -450,6 +450,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         return host
 
+    def report(step_metrics: tuple[int, dict[str, jax.Array]], force: bool = False) -> None:
+        """Checks a finished step and, every log_every steps (and the first and last), logs it."""
+        nonlocal window_start, window_steps
+        host = check(step_metrics)
+        s = step_metrics[0]
+        if force or s % config.train.log_every == 0 or s == start_step + 1:
+            elapsed = time.perf_counter() - window_start
+            rate = window_steps * config.train.batch_size / max(elapsed, 1e-9)
+            host["patches_per_second"] = rate
+            writer.scalars(s, host, prefix="train/")
+            bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['learning_rate']:.2e}",
+                            patches_s=f"{rate:.1f}")
+            window_start, window_steps = time.perf_counter(), 0
+
     def save(step: int) -> None:
         checkpointing.save(
             manager, step,
@@ -464,15 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, metrics = trainer.train_step(state, batch)
             # Check the previous step while this one runs: no host sync on the hot path.
             if pending is not None:
-                host = check(pending)
-                if pending[0] % config.train.log_every == 0 or pending[0] == start_step + 1:
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_steps * config.train.batch_size / max(elapsed, 1e-9)
-                    host["patches_per_second"] = rate
-                    writer.scalars(pending[0], host, prefix="train/")
-                    bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['learning_rate']:.2e}",
-                                    patches_s=f"{rate:.1f}")
-                    window_start, window_steps = time.perf_counter(), 0
+                report(pending)
             pending = (step + 1, metrics)
             window_steps += 1
             bar.update(1)
@@ -486,6 +492,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 val_f1, validated_at = last_summary["f1"], done
             if save_now and not (done == trainer.total_steps and val_examples):
                 save(done)
+        if pending is not None:
+            report(pending, force=True)
         bar.close()
         end_step = int(state.step)
         if val_examples and validated_at != end_step:
