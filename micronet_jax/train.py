@@ -484,7 +484,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             bar.update(1)
             done = step + 1
             eval_now = config.train.eval_every and done % config.train.eval_every == 0
-            save_now = done % config.train.checkpoint_every == 0 or done == trainer.total_steps
+            # A validated step is always saved, so BestN can keep the best one by object F1.
+            save_now = (
+                done % config.train.checkpoint_every == 0 or done == trainer.total_steps or eval_now
+            )
             if (eval_now or save_now) and pending is not None:
                 check(pending)  # Never checkpoint or validate weights that came from a NaN step.
             if eval_now and val_examples:

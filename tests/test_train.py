@@ -221,3 +221,20 @@ def test_paper_schedule_and_aux_weight():
         [float(losses.aux_weight(s, 10)) for s in (0, 9, 10, 25)], [1, 1, 0.5, 1 / 3], rtol=1e-6
     )
     assert float(losses.aux_weight(0, 10, enabled=False)) == 0.0
+
+
+def test_keeps_latest_and_best_validated_checkpoint(tmp_path):
+    config = load_config("default", "tiny")
+    config.train.max_steps = 6
+    config.train.eval_every = 2
+    config.train.checkpoint_every = 100
+    config.train.keep_checkpoints = 1
+    train.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    f1 = {r["step"]: r["val/f1"] for r in records if "val/f1" in r}
+    assert sorted(f1) == [2, 4, 6]
+    # BestN keeps the highest F1; among equal scores the latest step.
+    best = max(sorted(f1), key=lambda s: (f1[s], s))
+    kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert kept == sorted({6, best})
+    assert checkpointing.resolve(str(tmp_path))[1] == best
