@@ -84,3 +84,13 @@ def test_data_package_does_not_import_tfds() -> None:
     code = "import sys, micronet_jax.data; print('tensorflow_datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_command_line_build(built, tmp_path, capsys) -> None:
+    """The TF-free stand-in for ``tfds build`` (whose CLI imports TensorFlow in tfds 4.9)."""
+    from micronet_jax.data import tfds_glas
+
+    manual = built[0].parent / "manual"
+    tfds_glas.main(["--manual_dir", str(manual), "--data_dir", str(tmp_path / "cli")])
+    out = capsys.readouterr().out
+    assert "train: 3 records" in out and "testA: 2 records" in out and "testB" not in out

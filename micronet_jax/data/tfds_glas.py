@@ -164,3 +164,32 @@ def example_from_record(record: dict[str, Any]) -> Example:
         grade=grade or None,
         patient=patient or None,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m micronet_jax.data.tfds_glas --manual_dir GLAS --data_dir OUT``: the TF-free ``tfds build``.
+
+    tensorflow-datasets 4.9's own ``tfds build`` command imports TensorFlow at start-up, so this is
+    the way to build the GlaS copy on machines without it.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m micronet_jax.data.tfds_glas",
+        description="Build the GlaS TFDS dataset (ArrayRecord) from the official folder, no TensorFlow needed.",
+    )
+    parser.add_argument("--manual_dir", required=True,
+                        help="the official GlaS folder (train_N.bmp, train_N_anno.bmp, testA_*, testB_*, Grade.csv)")
+    parser.add_argument("--data_dir", required=True, help="where TFDS writes the built dataset")
+    args = parser.parse_args(argv)
+    build_glas_tfds(args.manual_dir, args.data_dir)
+    for split in ("train", "testA", "testB"):
+        try:
+            print(f"{split}: {len(glas_data_source(args.data_dir, split))} records")
+        except DataError:  # A split absent from the folder is simply not built.
+            continue
+    print(f"built GlaS in {args.data_dir}")
+
+
+if __name__ == "__main__":
+    main()
