@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 1000  # Validation (tiled whole images + GlaS metrics) every K steps; 0 = only at the end.
     c.train.image_summary_every = 0  # TensorBoard image summaries at each validation; 0 = off.
     c.train.max_steps = config_dict.placeholder(int)  # Stop early (smoke runs); None = epochs*steps_per_epoch.
+    # Stop cleanly after this many seconds of training, with a checkpoint, so a run can be done in
+    # chunks on time-limited machines: rerunning the same command resumes. None = no limit.
+    c.train.time_limit_seconds = config_dict.placeholder(float)
 
     # ---------------------------------------------------------------- evaluation / inference (spec §5)
     c.eval = ml_collections.ConfigDict()

@@ -375,7 +375,8 @@ class NonFiniteLossError(FloatingPointError):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds checkpoints), validates, and writes reports.
 
-    Returns the final validation summary (GlaS metrics) and the last step.
+    Returns the final validation summary (GlaS metrics), the last step, and whether the run
+    finished (False when ``train.time_limit_seconds`` stopped it early, with a checkpoint).
     """
     from micronet_jax import evaluate
     from micronet_jax.data import load_split
@@ -472,6 +473,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             data_iter=data_iter, config=config, val_f1=val_f1 if validated_at == step else None,
         )
 
+    time_limit = config.train.time_limit_seconds
+    loop_start, stopped_early = time.perf_counter(), False
     try:
         for step in range(start_step, trainer.total_steps):
             batch = global_batch(next(data_iter), trainer.mesh)
@@ -495,10 +498,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 val_f1, validated_at = last_summary["f1"], done
             if save_now and not (done == trainer.total_steps and val_examples):
                 save(done)
+            if time_limit and time.perf_counter() - loop_start > time_limit and done < trainer.total_steps:
+                check(pending)
+                if manager.latest_step() != done:
+                    save(done)
+                stopped_early = True
+                logger.info("time limit of %.0f s reached at step %d of %d: checkpoint saved; run the "
+                            "same command again to resume", time_limit, done, trainer.total_steps)
+                break
         if pending is not None:
             report(pending, force=True)
         bar.close()
         end_step = int(state.step)
+        if stopped_early:
+            manager.wait_until_finished()
+            return {"summary": last_summary, "step": end_step, "finished": False}
         if val_examples and validated_at != end_step:
             last_summary = _validate(trainer, state, val_examples, config, writer, end_step, workdir,
                                      final=True)
@@ -513,7 +527,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager.wait_until_finished()
         manager.close()
         writer.close()
-    return {"summary": last_summary, "step": int(state.step)}
+    return {"summary": last_summary, "step": int(state.step), "finished": True}
 
 
 def _validation_examples(config: ml_collections.ConfigDict) -> list[Any]:

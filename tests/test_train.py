@@ -238,3 +238,16 @@ def test_keeps_latest_and_best_validated_checkpoint(tmp_path):
     kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert kept == sorted({6, best})
     assert checkpointing.resolve(str(tmp_path))[1] == best
+
+
+def test_time_limit_stops_with_a_checkpoint_and_the_rerun_finishes(tmp_path):
+    config = load_config("default", "tiny")
+    config.train.max_steps = 3
+    config.train.checkpoint_every = 100
+    config.train.time_limit_seconds = 1e-3  # Stops after the first step.
+    first = train.train_and_evaluate(config, str(tmp_path))
+    assert first == {"summary": None, "step": 1, "finished": False}
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+    config.train.time_limit_seconds = None
+    second = train.train_and_evaluate(config, str(tmp_path))
+    assert second["finished"] and second["step"] == 3
