@@ -581,7 +581,10 @@ def _validate(
 
 def _write_training_plot(workdir: str) -> None:
     """training_curves.png from metrics.jsonl (loss and validation F1 against step)."""
-    from micronet_jax.plots import plot_training_curves
-
+    try:
+        from micronet_jax.plots import plot_training_curves
+    except ImportError:  # matplotlib is optional on accelerator images; metrics.jsonl has the data.
+        logger.warning("matplotlib is not installed: training_curves.png is not written")
+        return
     plot_training_curves(os.path.join(workdir, "metrics.jsonl"),
                          os.path.join(workdir, "training_curves.png"))
