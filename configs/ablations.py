@@ -29,6 +29,8 @@ from typing import Any
 
 import ml_collections
 
+from micronet_jax.config import apply_overrides
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # variant name -> dotted overrides relative to the sweep's base. Comments say what the switch tests.
@@ -80,20 +82,6 @@ def base_config(sweep: str = "cpu") -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
-    """Sets dotted keys in place; a key that does not exist in the config is an error naming it."""
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for p in parents:
-            if p not in node:
-                raise KeyError(f"unknown config key {dotted!r} (no section {p!r})")
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"unknown config key {dotted!r}")
-        node[leaf] = value
 
 
 def variant_config(

@@ -33,7 +33,6 @@ number of seeds divides evenly; otherwise everything runs on the default device.
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import dataclasses
 import datetime
@@ -44,7 +43,6 @@ import logging
 import math
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -55,6 +53,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from micronet_jax.config import parse_value
 
 # Named explicitly: under `python -m` __name__ is "__main__", outside the package logger tree.
 logger = logging.getLogger("micronet_jax.ablation")
@@ -87,25 +87,6 @@ def load_ablation_module(path: str | os.PathLike = DEFAULT_CONFIG_FILE) -> Any:
     return module
 
 
-def parse_override_value(text: str) -> Any:
-    """A command-line value as Python: numbers, booleans, None, ``a/b`` fractions, else a string.
-
-    ``1/64`` is accepted because reduced widths are naturally written as fractions.
-    """
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if re.fullmatch(r"\d+(\.\d*)?/\d+(\.\d*)?", text.strip()):
-        num, den = text.split("/")
-        return float(num) / float(den)
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def parse_config_overrides(args: Sequence[str]) -> dict[str, Any]:
     """``--config.a.b=v`` arguments -> ``{"a.b": value}``; anything else is an error naming it."""
     overrides: dict[str, Any] = {}
@@ -113,7 +94,7 @@ def parse_config_overrides(args: Sequence[str]) -> dict[str, Any]:
         if not arg.startswith("--config.") or "=" not in arg:
             raise ValueError(f"unrecognised argument {arg!r} (config overrides look like --config.a.b=value)")
         key, value = arg[len("--config."):].split("=", 1)
-        overrides[key] = parse_override_value(value)
+        overrides[key] = parse_value(value)
     return overrides
 
 

@@ -36,10 +36,8 @@ one configuration per process for exact figures. Where the device has no memory 
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -54,6 +52,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from micronet_jax.config import apply_overrides, load_config_file, parse_value
+
 DEFAULT_PEAK_TFLOPS = 800.0  # H100 dense bf16, as the performance issue states it.
 GIB = 2.0**30
 
@@ -63,31 +63,10 @@ GIB = 2.0**30
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads ``configs/NAME.py`` or ``configs/NAME.py:ARG`` (the same syntax as ``main.py --config``)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_benchmark_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    assert module_spec.loader is not None
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def parse_value(text: str) -> Any:
-    """A Python literal (``0.5``, ``True``, ``None``), a fraction such as ``1/64``, else the string."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        pass
-    num, sep, den = text.partition("/")
-    if sep:
-        try:
-            return float(num) / float(den)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
+        return load_config_file(spec)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --config: {e}") from None
 
 
 def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
@@ -95,16 +74,10 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
     key, sep, text = assignment.partition("=")
     if not sep:
         raise SystemExit(f"error: --set expects KEY=VALUE, got {assignment!r}")
-    *parents, leaf = key.strip().split(".")
-    node = config
     try:
-        for p in parents:
-            node = getattr(node, p)
-        if leaf not in node:
-            raise AttributeError(leaf)
-        setattr(node, leaf, parse_value(text.strip()))
-    except (AttributeError, KeyError):
-        raise SystemExit(f"error: unknown config key {key!r} in --set {assignment}") from None
+        apply_overrides(config, {key.strip(): parse_value(text)})
+    except KeyError:
+        raise SystemExit(f"error: unknown config key {key.strip()!r} in --set {assignment}") from None
     except TypeError as e:
         raise SystemExit(f"error: --set {assignment}: {e}") from None
 

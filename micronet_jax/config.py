@@ -9,6 +9,12 @@ Spec references (``§n``) point at ``micronet_spec.md``, the layer-by-layer desc
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import os
+import re
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -115,3 +121,53 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.process_id = config_dict.placeholder(int)
     c.platform = config_dict.placeholder(str)  # Force a JAX platform (cpu | gpu | tpu); None = default.
     return c
+
+
+# ------------------------------------------------------------------------------ override helpers
+# Shared by the commands that take overrides outside absl flags (benchmark --set, ablation sweeps).
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as Python: booleans, None, numbers, ``a/b`` fractions, else the string.
+
+    ``1/64`` is accepted because reduced widths are naturally written as fractions.
+    """
+    text = text.strip()
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if re.fullmatch(r"\d+(\.\d*)?/\d+(\.\d*)?", text):
+        num, den = text.split("/")
+        return float(num) / float(den)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+    """Sets dotted keys in place; a key that does not exist is a KeyError that names it."""
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            if p not in node:
+                raise KeyError(f"unknown config key {dotted!r} (no section {p!r})")
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"unknown config key {dotted!r}")
+        node[leaf] = value
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``configs/NAME.py`` or ``configs/NAME.py:ARG``, the syntax of ``main.py --config``."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    assert module_spec.loader is not None
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

@@ -378,7 +378,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the final validation summary (GlaS metrics), the last step, and whether the run
     finished (False when ``train.time_limit_seconds`` stopped it early, with a checkpoint).
     """
-    from micronet_jax import evaluate
     from micronet_jax.data import load_split
     from micronet_jax.data.pipeline import TrainSource, make_train_dataset
 

@@ -8,7 +8,6 @@ milliseconds.
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 from pathlib import Path
