@@ -72,9 +72,11 @@ class DownBlock(nn.Module):
         n, _, _, c = image.shape
         # §7.15 / §8: resize the full-resolution (standardised) input each time, no antialiasing, to
         # stay close to PyTorch's F.interpolate(mode="bicubic", align_corners=False).
+        # Interpolate in float32 (the input arrives in float32) and only then drop to the compute dtype.
         r = jax.image.resize(
-            image, (n, self.resize_to, self.resize_to, c), method="cubic", antialias=False
-        )
+            image.astype(jnp.float32), (n, self.resize_to, self.resize_to, c), method="cubic",
+            antialias=False,
+        ).astype(self.dtype)
         r = maybe_bn(act(conv(self.features, 3, self.dtype, "conv3")(r)), "bn3")
         r = act(conv(self.features, 3, self.dtype, "conv4")(r))
         chex.assert_equal_shape_prefix([y, r], 3)
@@ -216,11 +218,11 @@ class MicroNet(nn.Module):
         check_input(x, self.variant)
         w = lambda c: scaled(c, self.width)  # noqa: E731 - a one-line width helper reads best inline.
         common = dict(activation=self.activation, dtype=self.dtype)
-        image = x.astype(self.dtype)
+        image = x.astype(jnp.float32)
 
         # Group 1: down path with multi-resolution input.
         skips = []
-        y = image
+        y = x.astype(self.dtype)
         for i, (c, r) in enumerate(zip(GROUP1_WIDTHS, resize_targets(self.variant)), start=1):
             y = self._block(
                 DownBlock,
