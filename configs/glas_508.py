@@ -10,6 +10,8 @@ from micronet_jax.config import base_config
 def get_config():
     c = base_config()
     c.data.source = "glas"
+    # One process makes ~55-70 augmented patches/s (docs/pipeline_timing.md); a GPU step wants more.
+    c.data.num_workers = 4
     c.train.batch_size = 8  # Not stated in the paper; 8 fits an 80 GB card in bf16 (§7.12).
     c.train.checkpoint_every = 500
     c.train.eval_every = 1000
