@@ -251,3 +251,19 @@ def test_time_limit_stops_with_a_checkpoint_and_the_rerun_finishes(tmp_path):
     config.train.time_limit_seconds = None
     second = train.train_and_evaluate(config, str(tmp_path))
     assert second["finished"] and second["step"] == 3
+
+
+def test_train_step_makes_no_hidden_host_device_transfers():
+    """With state and batch on the device, the jitted step must not copy anything implicitly."""
+    config = load_config("default", "tiny")
+    trainer = train.Trainer(config)
+    state = trainer.initial_state()
+    rng = np.random.default_rng(0)
+    local = {"image": rng.normal(size=(2, 508, 508, 3)).astype(np.float32),
+             "label": (rng.random((2, 508, 508)) > 0.5).astype(np.int32),
+             "weight": np.ones((2, 508, 508), np.float32)}
+    batch = train.global_batch(local, trainer.mesh)  # The one explicit transfer.
+    with jax.transfer_guard("disallow"):
+        state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready((state, metrics))
+    assert int(jax.device_get(state.step)) == 1
