@@ -19,8 +19,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# Errors that mean "the input or the config is wrong": shown as one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+# Errors that mean "the input or the config is wrong" (or training diverged, with the last good
+# checkpoint kept): shown as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
