@@ -320,13 +320,15 @@ class Trainer:
 class MetricWriter:
     """metrics.jsonl plus TensorBoard scalars and images, written by process 0 only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _drop_records_after(path, resume_step)
+        self._jsonl = open(path, "a")
         try:
             from tensorboardX import SummaryWriter
 
@@ -356,6 +358,21 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """On resume, forgets what a killed run logged after its last checkpoint: those steps are
+    trained (and logged) again, and the log should read like one uninterrupted run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def _plain(v: Any) -> Any:
@@ -426,7 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = trainer.initial_state()
     start_step = int(state.step)
 
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, resume_step=start_step)
     val_f1: float | None = None
     validated_at = -1
     last_summary: dict[str, Any] | None = None
