@@ -348,27 +348,24 @@ def train_seeds(
 
 # ------------------------------------------------------------------------------ evaluation
 
-_FORWARDS: dict[str, Callable] = {}
+_FORWARDS: dict[str, tuple[Any, Callable]] = {}
 
 
 def _forward_fn(config: ml_collections.ConfigDict, variables: Any) -> tuple[Callable, int]:
-    """A tile forward for ``variables``; the jitted apply is shared by all runs of one architecture.
-
-    ``evaluate.make_forward_fn`` builds a fresh ``jax.jit`` per call, i.e. one compile per seed; here
-    the variables are an argument of one cached jitted function, so seeds and eval-only variants of
-    the same model compile once.
-    """
+    """A tile forward for ``variables``; one compiled program serves all runs of one architecture
+    (seeds and eval-only variants), since the weights are an argument of the cached jitted apply."""
+    from micronet_jax import evaluate
     from micronet_jax.models import build_model
 
     key = config.model.to_json(sort_keys=True)
     if key not in _FORWARDS:
         model = build_model(config.model)
-        _FORWARDS[key] = (jax.jit(lambda v, t: model.apply(v, t, train=False)["main"]), model.variant)
-    apply, tile = _FORWARDS[key]
+        _FORWARDS[key] = (model, evaluate.jit_tile_forward(model))
+    model, compiled = _FORWARDS[key]
     variables = jax.device_put(variables)
     if not variables.get("batch_stats"):
         variables = {"params": variables["params"]}
-    return (lambda tiles: np.asarray(apply(variables, jnp.asarray(tiles, jnp.float32)))), tile
+    return evaluate.make_forward_fn(model, variables, compiled), model.variant
 
 
 def evaluate_variables(

@@ -13,7 +13,6 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -23,10 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_config(name: str = "default", arg: str | None = None):
     """Calls configs/<name>.py:get_config(arg) the way config_flags would, without parsing flags."""
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
+    from micronet_jax.config import load_config_file
+
+    return load_config_file(str(REPO / "configs" / f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 def run_main(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True):
