@@ -55,6 +55,7 @@ import ml_collections
 import numpy as np
 
 from micronet_jax.config import parse_value
+from micronet_jax.evaluate import json_scalar
 
 # Named explicitly: under `python -m` __name__ is "__main__", outside the package logger tree.
 logger = logging.getLogger("micronet_jax.ablation")
@@ -397,12 +398,6 @@ def _json_default(v: Any) -> Any:
     return str(v)
 
 
-def _plain_float(v: Any) -> Any:
-    """JSON has no inf: store a Hausdorff distance of an empty prediction as the string "inf"."""
-    v = float(v)
-    return "inf" if math.isinf(v) else v
-
-
 def _as_float(v: Any) -> float:
     return math.inf if v == "inf" else (math.nan if v in (None, "") else float(v))
 
@@ -506,7 +501,7 @@ def run_sweep(
                     "weights_from": tv,
                     **{k: record[k] for k in ("steps", "train_seconds", "compile_seconds",
                                               "final_train_loss", "finite", "trained_with")},
-                    **{k: _plain_float(summary[k]) for k in (*VAL_METRICS, "precision", "recall")},
+                    **{k: json_scalar(float(summary[k])) for k in (*VAL_METRICS, "precision", "recall")},
                     "val_images": len(val_examples),
                     "eval_seconds": out["seconds"],
                     "overrides": {**overrides, **abl.VARIANTS[v]},

@@ -128,7 +128,7 @@ def evaluate_examples(
 def write_report(out_dir: str, split: str, result: dict[str, Any], extra: dict[str, Any]) -> None:
     """Writes report.json (pooled metrics), per_image.csv and report.md (beside the paper)."""
     os.makedirs(out_dir, exist_ok=True)
-    summary = {k: _jsonable(v) for k, v in result["summary"].items()}
+    summary = {k: json_scalar(v) for k, v in result["summary"].items()}
     report = {"split": split, "aggregation": "pooled", **extra, "metrics": summary,
               "seconds": round(result["seconds"], 3)}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
@@ -174,12 +174,15 @@ def _fmt_h(h: float) -> str:
     return "+inf" if math.isinf(h) else f"{h:.2f}"
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating, float)):
-        v = float(v)
-        return "inf" if math.isinf(v) else v
+def json_scalar(v: Any) -> Any:
+    """A metric value as plain JSON: numpy/JAX scalars become Python numbers, and +inf (the
+    Hausdorff distance of an empty side) the string "inf", which JSON cannot hold as a number."""
+    if isinstance(v, (np.ndarray, jax.Array)):
+        v = v.item()
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        v = v.item()
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
     return v
 
 

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from micronet_jax import checkpointing, losses
+from micronet_jax.evaluate import json_scalar
 from micronet_jax.models import MicroNet, build_model
 
 logger = logging.getLogger(__name__)
@@ -339,12 +340,12 @@ class MetricWriter:
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **{f"{prefix}{k}": _plain(v) for k, v in values.items()}}
+        record = {"step": int(step), **{f"{prefix}{k}": json_scalar(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in values.items():
-                v = _plain(v)
+                v = json_scalar(v)
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{prefix}{k}", v, int(step))
 
@@ -373,16 +374,6 @@ def _drop_records_after(path: str, step: int) -> None:
         with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, path)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (np.ndarray, jax.Array)):
-        v = v.item()
-    if isinstance(v, (np.floating, np.integer, np.bool_)):
-        v = v.item()
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    return v
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -290,7 +290,7 @@ def standardize(image: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- composition
 
 
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
+def config_value(cfg: Any, key: str, default: Any = None) -> Any:
     """Reads ``key`` from a ConfigDict, dataclass or plain mapping (the tests use dicts)."""
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
@@ -311,22 +311,22 @@ def augment_example(
     every decision from ``rng`` in that order) makes the result a pure function of the generator state.
     Returns C-contiguous arrays (uint8 image, label in its dtype, float32 weight).
     """
-    if _cfg(aug_config, "enabled", True):
+    if config_value(aug_config, "enabled", True):
         arrays = [image, label, weight]
-        if _cfg(aug_config, "flips", True):
+        if config_value(aug_config, "flips", True):
             arrays = random_flip(arrays, rng)
-        if _cfg(aug_config, "rot90", True):
+        if config_value(aug_config, "rot90", True):
             arrays = random_rot90(arrays, rng)
         image, label, weight = arrays
-        max_k = float(_cfg(aug_config, "distortion_max", 0.0))
-        if max_k > 0 and rng.random() < float(_cfg(aug_config, "distortion_prob", 0.0)):
+        max_k = float(config_value(aug_config, "distortion_max", 0.0))
+        if max_k > 0 and rng.random() < float(config_value(aug_config, "distortion_prob", 0.0)):
             image, label, weight = random_radial_distortion(image, label, weight, max_k, rng)
-        if rng.random() < float(_cfg(aug_config, "blur_prob", 0.0)):
+        if rng.random() < float(config_value(aug_config, "blur_prob", 0.0)):
             sigma = rng.uniform(
-                float(_cfg(aug_config, "blur_sigma_min", 0.2)), float(_cfg(aug_config, "blur_sigma_max", 2.0))
+                float(config_value(aug_config, "blur_sigma_min", 0.2)), float(config_value(aug_config, "blur_sigma_max", 2.0))
             )
             image = gaussian_blur(image, float(sigma))
-        strength = float(_cfg(aug_config, "stain_jitter", 0.0))
+        strength = float(config_value(aug_config, "stain_jitter", 0.0))
         if strength > 0:
             image = stain_jitter(image, strength, rng)
     return (

@@ -36,6 +36,7 @@ import grain
 import numpy as np
 
 from micronet_jax.data import augment as aug_lib
+from micronet_jax.data.augment import config_value
 from micronet_jax.data import weight_map as wm_lib
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,6 @@ class LabelledImage(Protocol):
 
     image: np.ndarray  # uint8 (H, W, 3)
     label: np.ndarray  # int (H, W) instance ids, 0 = background
-
-
-def _cfg(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -266,11 +261,11 @@ def make_train_dataset(
     else:
         source = TrainSource(
             examples,
-            patch_size=int(_cfg(data_config, "patch_size", 600)),
-            weight_map_config=_cfg(data_config, "weight_map"),
+            patch_size=int(config_value(data_config, "patch_size", 600)),
+            weight_map_config=config_value(data_config, "weight_map"),
         )
-    crop = int(crop_size if crop_size is not None else _cfg(data_config, "crop_size", 508))
-    sampler = TrainSampler(source, seed=seed, crop_size=crop, augment_config=_cfg(data_config, "augment"))
+    crop = int(crop_size if crop_size is not None else config_value(data_config, "crop_size", 508))
+    sampler = TrainSampler(source, seed=seed, crop_size=crop, augment_config=config_value(data_config, "augment"))
 
     ds = grain.MapDataset.range(_MAX_STEPS * local_batch)
     ds = ds.map(_LocalToGlobal(sampler, local_batch, global_batch_size, process_index))
@@ -278,7 +273,7 @@ def make_train_dataset(
     # Batches are built whole inside one thread/worker; prefetch a couple, not grain's default 500.
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, 2 * read_threads))
     it_ds = ds.to_iter_dataset(read_options)
-    num_workers = int(_cfg(data_config, "num_workers", 0) or 0)
+    num_workers = int(config_value(data_config, "num_workers", 0) or 0)
     if num_workers > 0:
         _ensure_absl_flags_parsed()
         # Worker w computes batches w, w + W, ...; grain interleaves them back in order, and each batch
