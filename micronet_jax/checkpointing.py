@@ -13,7 +13,9 @@ during a save leaves the previous checkpoint intact and the partial one is ignor
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -42,8 +44,27 @@ def make_manager(directory: str, keep: int = 2, read_only: bool = False) -> ocp.
         enable_async_checkpointing=not read_only,
         create=not read_only,
         read_only=read_only,
+        save_interval_steps=0 if read_only else 1,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS, options=options)
+    with _quiet_read_only_notices() if read_only else contextlib.nullcontext():
+        return ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS, options=options)
+
+
+class _DropReadOnlyNotices(logging.Filter):
+    """Drops Orbax's "directory is read only" warning, which evaluation would print on every restore."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "read only" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notices():
+    absl_logger, quiet = logging.getLogger("absl"), _DropReadOnlyNotices()
+    absl_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(quiet)
 
 
 def save(

@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 2  # Background, gland (§7.8); 3 allows a contour class.
     c.model.dtype = "bfloat16"  # Compute dtype; parameters and logits are always float32.
     c.model.remat = False  # Rematerialise each block in the backward pass (saves memory, costs time).
+    # Recompute the four output heads (concat, dropout, 3x3 conv: ~0.2% of the FLOPs) in the backward
+    # pass, storing only their inputs and 1-byte dropout masks: ~0.7 GiB less per 508 patch in bf16.
+    c.model.remat_heads = True
     # How transposed convs are computed. "fast": kernel==stride convT as a per-pixel matmul plus
     # depth-to-space and the 5x5 stride-1 convT as a padded conv (same parameters, same result, faster
     # on GPU); "xla": flax.linen.ConvTranspose.

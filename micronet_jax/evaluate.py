@@ -151,7 +151,7 @@ def markdown_table(split: str, summary: dict[str, Any], n_images: int) -> str:
         "| | F1 | Object Dice | Object Hausdorff |",
         "|---|---|---|---|",
         f"| this run, {split} | {summary['f1']:.3f} | {summary['object_dice']:.3f} | "
-        f"{_fmt_h(summary['object_hausdorff'])} |",
+        f"{format_hausdorff(summary['object_hausdorff'])} |",
     ]
     for part, paper in PAPER_RESULTS.items():
         lines.append(
@@ -170,7 +170,8 @@ def markdown_table(split: str, summary: dict[str, Any], n_images: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt_h(h: float) -> str:
+def format_hausdorff(h: float) -> str:
+    """Two decimals, or "+inf" when an image had no prediction or no ground truth (glas_metrics.md)."""
     return "+inf" if math.isinf(h) else f"{h:.2f}"
 
 
@@ -215,7 +216,7 @@ def evaluate_checkpoint(
                                        "tta": bool(config.eval.tta)})
     s = result["summary"]
     print(f"{split}: F1 {s['f1']:.4f}  object Dice {s['object_dice']:.4f}  object Hausdorff "
-          f"{_fmt_h(s['object_hausdorff'])}  ({len(examples)} images, {result['seconds']:.1f} s) -> {out}")
+          f"{format_hausdorff(s['object_hausdorff'])}  ({len(examples)} images, {result['seconds']:.1f} s) -> {out}")
     return result
 
 

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from micronet_jax import checkpointing, losses
-from micronet_jax.evaluate import json_scalar
+from micronet_jax.evaluate import format_hausdorff, json_scalar
 from micronet_jax.models import MicroNet, build_model
 
 logger = logging.getLogger(__name__)
@@ -580,7 +580,7 @@ def _validate(
             "val/input": ex.image,
         })
     logger.info("step %d validation: F1 %.4f, object Dice %.4f, object Hausdorff %s, pixel Dice %.4f",
-                step, s["f1"], s["object_dice"], s["object_hausdorff"], s["pixel_dice"])
+                step, s["f1"], s["object_dice"], format_hausdorff(s["object_hausdorff"]), s["pixel_dice"])
     if out and jax.process_index() == 0:
         evaluate.write_report(out, "val", result, {"step": step, "workdir": workdir})
     return s

@@ -152,7 +152,9 @@ for devices in (jax.devices(), jax.devices()[:1]):
     state = t.initial_state()
     state, metrics = t.train_step(state, train.global_batch(batch, t.mesh))
     results.append((jax.device_get(state.params), float(metrics["loss"])))
-chex.assert_trees_all_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+# Adam's first update is lr * g / (|g| + eps): for a near-zero gradient, the summation order of the
+# 8-way reduction moves it by a visible fraction of lr (1e-3). 1e-5 is 1% of one step.
+chex.assert_trees_all_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
 assert abs(results[0][1] - results[1][1]) < 1e-5, results
 config.train.batch_size = 4
 try:
@@ -268,3 +270,26 @@ def test_train_step_makes_no_hidden_host_device_transfers():
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready((state, metrics))
     assert int(jax.device_get(state.step)) == 1
+
+
+@pytest.mark.parametrize("transpose_impl", ["fast", "xla"])
+def test_full_width_train_step_lowers_with_the_analytic_flops(transpose_impl):
+    """The paper-sized step traces and lowers (no weights allocated, nothing compiled), and its HLO
+    FLOPs are 3x the analytic forward count that the benchmark's TFLOP/s and MFU are built on."""
+    import jax.numpy as jnp
+
+    from micronet_jax.models.summary import forward_flops
+
+    config = load_config("glas_508")
+    config.model.transpose_impl = transpose_impl
+    trainer = train.Trainer(config)
+    b = config.train.batch_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((b, 508, 508, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((b, 508, 508), jnp.int32),
+        "weight": jax.ShapeDtypeStruct((b, 508, 508), jnp.float32),
+    }
+    cost = trainer.train_step.lower(trainer.abstract_state, batch).cost_analysis()
+    flops = (cost if isinstance(cost, dict) else cost[0])["flops"]
+    ratio = flops / (b * 3 * forward_flops(trainer.model))
+    assert 0.99 < ratio < 1.02, ratio

@@ -30,6 +30,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> MicroNet:
         num_classes=int(model_config.num_classes),
         dtype=DTYPES[model_config.dtype],
         remat=bool(model_config.remat),
+        remat_heads=bool(model_config.remat_heads),
         transpose_impl=str(model_config.transpose_impl),
     )
 

@@ -15,6 +15,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from micronet_jax.models.layers import ConvTranspose, conv, get_activation
 
@@ -26,6 +27,8 @@ BRIDGE_WIDTH = 2048
 VALID_VARIANTS = (508, 252)
 # Feature-mask branches (§1 group 4): (index of the group-3 block it reads, from the last, kernel=stride).
 FEATURE_MASK_FACTORS = (2, 4, 8)
+# checkpoint_name of the heads' dropout keep-masks: the one thing head rematerialisation stores.
+DROPOUT_MASK = "dropout_mask"
 
 
 def resize_targets(size: int) -> list[int]:
@@ -163,16 +166,27 @@ class FeatureMask(nn.Module):
 
 
 class Head(nn.Module):
-    """Dropout then an unpadded 3x3 conv to class logits, no activation (§1 groups 4-5, §7.7)."""
+    """Dropout then an unpadded 3x3 conv to class logits, no activation (§1 groups 4-5, §7.7).
+
+    Takes one feature map, or several that it concatenates first (the main output, group 5), so that
+    under head rematerialisation the 510x510x448 concatenation is recomputed, not stored.
+    """
 
     num_classes: int
     dropout: float
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = nn.Dropout(self.dropout, deterministic=not train)(x)
-        y = conv(self.num_classes, 3, self.dtype, "conv")(y)
+    def __call__(self, features: jax.Array | Sequence[jax.Array], train: bool) -> jax.Array:
+        x = jnp.concatenate(features, axis=-1) if isinstance(features, (list, tuple)) else features
+        if train and self.dropout > 0:
+            # Element-wise dropout, as flax.linen.Dropout does it, but with the keep-mask named so
+            # that head rematerialisation saves the 1-byte mask instead of regenerating the random
+            # bits or storing the dropped copy of the features.
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, x.shape)
+            keep = checkpoint_name(keep, DROPOUT_MASK)
+            x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros((), x.dtype)).astype(x.dtype)
+        y = conv(self.num_classes, 3, self.dtype, "conv")(x)
         # §8: logits leave the model in float32 so log-softmax and the weighted loss run in float32.
         return y.astype(jnp.float32)
 
@@ -191,6 +205,10 @@ class MicroNet(nn.Module):
       num_classes: output classes (2 = background, gland).
       dtype: compute dtype (float32 or bfloat16); parameters are float32 either way.
       remat: rematerialise each block in the backward pass to save activation memory.
+      remat_heads: recompute the four heads (concatenation, dropout, 3x3 conv) in the backward pass
+        from their inputs and dropout masks instead of storing their full-resolution inputs. The
+        heads are ~0.2% of the FLOPs but, stored, ~0.7 GiB of bf16 activations per 508 patch
+        (docs/benchmarks.md, "Activation memory"). The result is the same either way.
       transpose_impl: "fast" or "xla" lowering of the transposed convs (same parameters).
     """
 
@@ -203,6 +221,7 @@ class MicroNet(nn.Module):
     num_classes: int = 2
     dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_heads: bool = True
     transpose_impl: str = "fast"
 
     def _block(self, cls: type[nn.Module], **kwargs: Any) -> nn.Module:
@@ -276,15 +295,21 @@ class MicroNet(nn.Module):
             self.sow("intermediates", f"FM{k}_out", fm)
             feature_masks.append(fm)
 
+        head_cls = Head
+        if self.remat_heads:
+            head_cls = nn.remat(
+                Head, static_argnums=(2,),
+                policy=jax.checkpoint_policies.save_only_these_names(DROPOUT_MASK),
+            )
         head = dict(num_classes=self.num_classes, dropout=self.dropout, dtype=self.dtype)
         outputs = {
-            f"aux{k}": Head(name=f"aux{k}_head", **head)(fm, train)
+            f"aux{k}": head_cls(name=f"aux{k}_head", **head)(fm, train)
             for k, fm in enumerate(feature_masks, start=1)
         }
-        # Group 5: the main output on the concatenated (un-dropped) feature masks.
-        fused = jnp.concatenate(feature_masks, axis=-1)
-        self.sow("intermediates", "concat_out", fused)
-        outputs["main"] = Head(name="main_head", **head)(fused, train)
+        # Group 5: the main output on the concatenated (un-dropped) feature masks. The head does the
+        # concatenation itself; this copy only feeds `intermediates` (dead code otherwise).
+        self.sow("intermediates", "concat_out", jnp.concatenate(feature_masks, axis=-1))
+        outputs["main"] = head_cls(name="main_head", **head)(tuple(feature_masks), train)
         expected = (x.shape[0], self.variant, self.variant, self.num_classes)
         for out in outputs.values():
             chex.assert_shape(out, expected)

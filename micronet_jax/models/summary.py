@@ -89,6 +89,38 @@ def forward_flops(model: MicroNet) -> float:
     return 2.0 * sum(row.macs for row in layer_table(model))
 
 
+def stored_activation_bytes(model: MicroNet) -> float:
+    """Bytes per input patch that autodiff keeps from the forward pass for the backward pass.
+
+    These residuals are what ``remat`` and ``remat_heads`` trade for recomputation, and with the
+    optimizer state they set a training step's device memory. They are read off the VJP of a
+    training forward (dropout on) plus a log-softmax loss, traced under ``jax.eval_shape``, so nothing
+    is allocated and the figure does not depend on the backend. Per patch = residuals at batch 2
+    minus batch 1, which cancels the batch-independent ones (the weights, and their bf16 copies).
+    The compiler may still schedule buffers differently, so this guides, not replaces, a measured peak.
+    """
+
+    def residual_bytes(batch: int) -> int:
+        variables = abstract_variables(model)
+        x = jax.ShapeDtypeStruct((batch, model.variant, model.variant, 3), jnp.float32)
+
+        def residuals(variables, x, key):
+            def loss(params):
+                outputs, _ = model.apply(
+                    {**variables, "params": params}, x, train=True, rngs={"dropout": key},
+                    mutable=["batch_stats"],
+                )
+                return sum(jnp.mean(jax.nn.log_softmax(o)) for o in outputs.values())
+
+            _, vjp_fn = jax.vjp(loss, variables["params"])
+            return jax.tree.leaves(vjp_fn)
+
+        leaves = jax.eval_shape(residuals, variables, x, jax.random.key(0))
+        return sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize for r in leaves)
+
+    return float(residual_bytes(2) - residual_bytes(1))
+
+
 def format_summary(model: MicroNet) -> str:
     """The text printed by ``--mode=summary``: the layer table, total parameters and forward FLOPs."""
     rows = layer_table(model)
@@ -114,6 +146,8 @@ def format_summary(model: MicroNet) -> str:
         f"{2 * macs / 1e12:.3f} TFLOP (training step ~3x: {6 * macs / 1e12:.2f} TFLOP)",
         f"float32 weights: {total * 4 / 2**30:.2f} GiB; with grads and Adam moments: "
         f"{total * 16 / 2**30:.2f} GiB",
+        f"activations kept for the backward pass: {stored_activation_bytes(model) / 2**30:.2f} GiB "
+        f"per patch (remat={model.remat}, remat_heads={model.remat_heads})",
     ]
     return "\n".join(lines)
 
