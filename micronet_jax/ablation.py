@@ -189,7 +189,7 @@ def _train_source(config: ml_collections.ConfigDict) -> Any:
     from micronet_jax.data.pipeline import TrainSource
 
     d = config.data.to_dict()
-    for k in ("augment", "num_workers", "prefetch", "crop_size"):
+    for k in ("augment", "num_workers", "crop_size"):
         d.pop(k, None)
     key = json.dumps(d, sort_keys=True, default=str)
     if key not in _SOURCE_CACHE:

@@ -75,7 +75,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.weight_map.sigma = 5.0
     c.data.weight_map.class_balance = True
     c.data.num_workers = 0  # grain worker processes; 0 is fastest on a 2-core machine.
-    c.data.prefetch = 2  # Batches put on device ahead of the step.
 
     # ---------------------------------------------------------------- training (spec §4, §7.9-12)
     c.train = ml_collections.ConfigDict()

@@ -484,6 +484,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     loop_start, stopped_early = time.perf_counter(), False
     try:
         for step in range(start_step, trainer.total_steps):
+            # While step N-1 still runs on the device, the host takes the next batch from grain's
+            # workers and starts its (asynchronous) copy to the device: the device never waits for
+            # the host as long as that takes less than a step.
             batch = global_batch(next(data_iter), trainer.mesh)
             state, metrics = trainer.train_step(state, batch)
             # Check the previous step while this one runs: no host sync on the hot path.
