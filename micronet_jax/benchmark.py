@@ -210,6 +210,7 @@ def bench_train(
     c.model.remat = bool(remat)
     row: dict[str, Any] = {
         "batch": int(batch_size), "dtype": dtype, "remat": bool(remat),
+        "remat_heads": bool(c.model.remat_heads),
         "grad_accum_steps": int(c.train.grad_accum_steps), "steps": steps, "warmup": warmup,
     }
     peak_before = _device_peak_bytes()
@@ -350,7 +351,8 @@ def format_train_table(rows: Sequence[dict[str, Any]], peak_tflops: float) -> st
             f"MFU (of {peak_tflops:g}) | peak mem GiB | compile s |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lead = f"| {r['batch']} | {r['dtype']} | {str(r['remat']).lower()} |"
+        remat = str(r["remat"]).lower() + ("" if r.get("remat_heads", True) else " (heads stored)")
+        lead = f"| {r['batch']} | {r['dtype']} | {remat} |"
         if "error" in r:
             lines.append(f"{lead} {r['error']} | - | - | - | - | {r.get('compile_total_s', float('nan')):.1f} |")
             continue
@@ -432,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_csv(str), default=None,
                    help="compute dtypes, float32 and/or bfloat16 (default: model.dtype)")
     p.add_argument("--remat", type=_csv(bool), default=None,
-                   help="rematerialisation settings, e.g. false,true (default: model.remat)")
+                   help="block rematerialisation settings, e.g. false,true (default: model.remat); "
+                        "the output heads are recomputed either way unless --set "
+                        "model.remat_heads=false")
     p.add_argument("--steps", type=int, default=20,
                    help="timed steps per configuration, median reported; also the timed tile forwards "
                         "(default: 20)")

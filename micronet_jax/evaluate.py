@@ -216,7 +216,7 @@ def evaluate_checkpoint(
                                        "tta": bool(config.eval.tta)})
     s = result["summary"]
     print(f"{split}: F1 {s['f1']:.4f}  object Dice {s['object_dice']:.4f}  object Hausdorff "
-          f"{format_hausdorff(s['object_hausdorff'])}  ({len(examples)} images, {result['seconds']:.1f} s) -> {out}")
+          f"{format_hausdorff(s['object_hausdorff'])}  ({len(examples)} image{'' if len(examples) == 1 else 's'}, {result['seconds']:.1f} s) -> {out}")
     return result
 
 

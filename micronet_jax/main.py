@@ -7,8 +7,13 @@ Modes:
   predict   segment every image in --input and write label PNGs, overlays and a CSV
   tune      choose post-processing constants on the validation split (never on Test A/B)
 
-This file only parses flags and hands over; everything else is importable without flags.
+Examples:
+  python -m micronet_jax.main --config configs/default.py --workdir runs/default
+  python -m micronet_jax.main --config configs/glas_508.py --config.data.root=/data/GlaS --workdir runs/glas
+  python -m micronet_jax.main --config configs/glas_508.py --config.data.root=/data/GlaS --mode=evaluate --checkpoint runs/glas --config.eval.split=testA
+Every config key is listed, with its default and reason, in micronet_jax/config.py.
 """
+# This file only parses flags and hands over; everything else is importable without flags.
 
 from __future__ import annotations
 
