@@ -35,8 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 2  # Background, gland (§7.8); 3 allows a contour class.
     c.model.dtype = "bfloat16"  # Compute dtype; parameters and logits are always float32.
     c.model.remat = False  # Rematerialise each block in the backward pass (saves memory, costs time).
-    # Recompute the four output heads (concat, dropout, 3x3 conv: ~0.2% of the FLOPs) in the backward
-    # pass, storing only their inputs and 1-byte dropout masks: ~0.7 GiB less per 508 patch in bf16.
+    # Recompute the four output heads (concat, dropout, 3x3 conv) in the backward pass, storing only
+    # their inputs and 1-byte dropout masks: 0.87 GiB less per 508 patch in bf16 for ~0.2% more
+    # FLOPs per step (the heads are ~0.6% of the forward pass).
     c.model.remat_heads = True
     # How transposed convs are computed. "fast": kernel==stride convT as a per-pixel matmul plus
     # depth-to-space and the 5x5 stride-1 convT as a padded conv (same parameters, same result, faster
@@ -74,7 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.weight_map.w0 = 10.0
     c.data.weight_map.sigma = 5.0
     c.data.weight_map.class_balance = True
-    c.data.num_workers = 0  # grain worker processes; 0 is fastest on a 2-core machine.
+    # grain worker processes. 0 for CPU training: there the train step itself needs every core.
+    # GPU hosts want several (configs/glas_508.py: 4; docs/pipeline_timing.md: 2 make ~100 patches/s).
+    c.data.num_workers = 0
 
     # ---------------------------------------------------------------- training (spec §4, §7.9-12)
     c.train = ml_collections.ConfigDict()

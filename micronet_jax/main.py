@@ -1,7 +1,7 @@
 """The command line: ``python -m micronet_jax.main --config configs/NAME.py [--config.a.b=v] --mode=MODE``.
 
 Modes:
-  summary   print the layer table, parameter count and FLOPs without allocating weights
+  summary   print the layer table, parameter count, FLOPs and memory without allocating weights
   train     train (or resume) in --workdir, then validate and write reports
   evaluate  score a checkpoint on a split with the GlaS metrics (report.json, per_image.csv, table)
   predict   segment every image in --input and write label PNGs, overlays and a CSV
@@ -37,7 +37,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["summary", "train", "evaluate", "predict", "tune"],
-    "summary: layer table and FLOPs; train: train/resume in --workdir; evaluate: GlaS metrics of a "
+    "summary: layer table, FLOPs and memory; train: train/resume in --workdir; evaluate: GlaS metrics of a "
     "checkpoint on --config.eval.split; predict: segment the images in --input; tune: choose the "
     "post-processing threshold, minimum size and opening on the validation split.",
 )

@@ -11,6 +11,7 @@ import pytest
 
 from micronet_jax.config import base_config
 from micronet_jax.models import build_model, resize_targets
+from micronet_jax.models.micronet import named_mask_dropout
 from micronet_jax.models.summary import (
     abstract_variables,
     count_params,
@@ -188,7 +189,9 @@ class TestReducedWidthOnCpu:
         chex.assert_trees_all_close(grads(model), grads(remat_model), rtol=1e-5, atol=1e-7)
 
     def test_rematerialisation_keeps_training_outputs_and_gradients(self, tiny):
-        # With dropout on: the recomputed heads must reuse the forward pass's dropout masks.
+        # With dropout on, the recomputed heads see the forward pass's masks (saved, or drawn again
+        # from the same key), so outputs and gradients must match. The memory test below is what
+        # shows the masks are saved rather than the dropped features.
         _, params, x = tiny
         key = jax.random.key(7)
 
@@ -212,6 +215,21 @@ class TestReducedWidthOnCpu:
         fast = jax.jit(lambda p: model.apply({"params": p}, x))(params)
         slow = jax.jit(lambda p: xla_model.apply({"params": p}, x))(params)
         chex.assert_trees_all_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_head_dropout_follows_flax_semantics():
+    x = jnp.full((4, 64, 64, 8), 3.0, jnp.bfloat16)
+    y = np.asarray(named_mask_dropout(x, 0.5, jax.random.key(0)), np.float32)
+    assert set(np.unique(y)) == {0.0, 6.0}  # kept values scaled by 1 / (1 - rate)
+    assert abs((y > 0).mean() - 0.5) < 0.01
+    assert named_mask_dropout(x, 0.5, jax.random.key(0)).dtype == jnp.bfloat16
+    assert not np.any(np.asarray(named_mask_dropout(x, 1.0, jax.random.key(0)), np.float32))
+    # dropout 0: train mode is the eval forward
+    model = make_model(width=1 / 64, dtype="float32", dropout=0.0)
+    xs = jax.random.normal(jax.random.key(1), (1, 508, 508, 3))
+    params = jax.jit(model.init)(jax.random.key(2), xs)["params"]
+    train = jax.jit(lambda p: model.apply({"params": p}, xs, train=True, rngs={"dropout": jax.random.key(3)}))
+    chex.assert_trees_all_equal(train(params), jax.jit(lambda p: model.apply({"params": p}, xs))(params))
 
 
 def test_rematerialisation_shrinks_the_stored_activations():

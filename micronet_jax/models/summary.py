@@ -122,7 +122,8 @@ def stored_activation_bytes(model: MicroNet) -> float:
 
 
 def format_summary(model: MicroNet) -> str:
-    """The text printed by ``--mode=summary``: the layer table, total parameters and forward FLOPs."""
+    """The text printed by ``--mode=summary``: the layer table, total parameters, forward FLOPs, and
+    the weight, optimizer-state and stored-activation memory."""
     rows = layer_table(model)
     total = count_params(abstract_variables(model).get("params", {}))
     name_w = max(len(r.name) for r in rows) + 2
