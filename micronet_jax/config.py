@@ -36,8 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # Compute dtype; parameters and logits are always float32.
     c.model.remat = False  # Rematerialise each block in the backward pass (saves memory, costs time).
     # Recompute the four output heads (concat, dropout, 3x3 conv) in the backward pass, storing only
-    # their inputs and 1-byte dropout masks: 0.87 GiB less per 508 patch in bf16 for ~0.2% more
-    # FLOPs per step (the heads are ~0.6% of the forward pass).
+    # their inputs and 1-byte dropout masks: 0.65-0.87 GiB less per 508 patch in bf16 (jax 0.12 /
+    # 0.10) for ~0.2% more FLOPs per step (the heads are ~0.6% of the forward pass).
     c.model.remat_heads = True
     # How transposed convs are computed. "fast": kernel==stride convT as a per-pixel matmul plus
     # depth-to-space and the 5x5 stride-1 convT as a padded conv (same parameters, same result, faster

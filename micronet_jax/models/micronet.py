@@ -213,7 +213,7 @@ class MicroNet(nn.Module):
       remat: rematerialise each block in the backward pass to save activation memory.
       remat_heads: recompute the four heads (concatenation, dropout, 3x3 conv) in the backward pass
         from their inputs and dropout masks instead of storing their full-resolution inputs. The
-        heads are ~0.6% of the forward FLOPs (~0.2% of a training step) but, stored, 0.87 GiB of
+        heads are ~0.6% of the forward FLOPs (~0.2% of a training step) but, stored, 0.65-0.87 GiB of
         bf16 activations per 508 patch (docs/benchmarks.md, "Activation memory"). The result is
         the same either way.
       transpose_impl: "fast" or "xla" lowering of the transposed convs (same parameters).
