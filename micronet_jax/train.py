@@ -504,7 +504,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if (eval_now or save_now) and pending is not None:
                 check(pending)  # Never checkpoint or validate weights that came from a NaN step.
             if eval_now and val_examples:
-                last_summary = _validate(trainer, state, val_examples, config, writer, done, workdir)
+                # On the last step this is the final validation: it also writes the reports.
+                last_summary = _validate(trainer, state, val_examples, config, writer, done, workdir,
+                                         final=done == trainer.total_steps)
                 val_f1, validated_at = last_summary["f1"], done
             if save_now and not (done == trainer.total_steps and val_examples):
                 save(done)

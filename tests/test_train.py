@@ -54,6 +54,16 @@ def test_main_job_leaves_checkpoint_logs_and_reports(uninterrupted):
     assert saved["model"]["width"] == pytest.approx(1 / 64)
 
 
+def test_periodic_validation_on_the_last_step_still_writes_the_reports(tmp_path):
+    # eval_every dividing the run length used to make the last validation a periodic one, which
+    # skipped report.json and the overlays.
+    run_main(*TINY, f"--workdir={tmp_path}", "--config.train.max_steps=2", "--config.train.eval_every=2")
+    assert (tmp_path / "eval_val" / "report.json").exists()
+    assert glob.glob(str(tmp_path / "eval_val" / "overlays" / "*.png"))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert sum("val/f1" in r for r in records) == 1  # validated once, not again after the loop
+
+
 def test_resume_after_sigkill_is_bitwise_identical(uninterrupted, tmp_path):
     """Kill the run (during a save if we catch one), restart it, and get exactly the same params."""
     config = load_config("default", "tiny")
