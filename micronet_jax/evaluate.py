@@ -89,40 +89,41 @@ def evaluate_examples(
     *,
     overlay_dir: str | None = None,
     progress: bool = True,
-    keep_probabilities: bool = False,
 ) -> dict[str, Any]:
     """Segments and scores ``examples`` (``.image``, ``.label``, ``.name``).
 
     Returns ``{"summary": pooled GlaS metrics, "per_image": rows, "predictions": label images,
-    "probabilities": gland probability maps (if asked), "seconds": wall time}``.
+    "seconds": wall time}``. Each image is scored once; the summary pools those same stats.
     """
     start = time.perf_counter()
-    preds, probs, rows = [], [], []
+    preds, stats, rows = [], [], []
     n_overlays = int(eval_config.num_overlays)
     for i, ex in enumerate(tqdm(examples, desc="evaluate", unit="img", disable=not progress)):
-        prob = predict_probabilities(forward, ex.image, eval_config, tile)
-        pred = to_instances(prob, eval_config)
+        pred = to_instances(predict_probabilities(forward, ex.image, eval_config, tile), eval_config)
         preds.append(pred)
-        if keep_probabilities:
-            probs.append(prob[..., 1])
-        row = {"name": ex.name}
-        row.update(metrics.per_image_metrics(pred, ex.label))
-        row["gt_objects"] = int(len(np.unique(ex.label[ex.label > 0])))
-        row["pred_objects"] = int(pred.max())
-        rows.append(row)
+        s = metrics.image_stats(pred, ex.label)
+        stats.append(s)
+        rows.append({"name": ex.name, **metrics.per_image_row(s),
+                     "gt_objects": s["n_gt"], "pred_objects": s["n_pred"]})
         if overlay_dir and i < n_overlays:
             visualize.save_png(
                 os.path.join(overlay_dir, f"{ex.name}_overlay.png"),
                 visualize.overlay_outlines(ex.image, pred, ex.label),
             )
-    summary = metrics.glas_metrics(preds, [ex.label for ex in examples])
     return {
-        "summary": summary,
+        "summary": metrics.aggregate_stats(stats),
         "per_image": rows,
         "predictions": preds,
-        "probabilities": probs,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    """One CSV with the first row's keys as the header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_report(out_dir: str, split: str, result: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -135,10 +136,7 @@ def write_report(out_dir: str, split: str, result: dict[str, Any], extra: dict[s
         json.dump(report, f, indent=2)
     rows = result["per_image"]
     if rows:
-        with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_csv(os.path.join(out_dir, "per_image.csv"), rows)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown_table(split, result["summary"], len(rows)))
 
@@ -260,10 +258,7 @@ def predict_folder(
             "mean_area_px": float(areas.mean()) if len(areas) else 0.0,
             "areas_px": " ".join(str(int(a)) for a in areas),
         })
-    with open(out / "glands.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(out / "glands.csv", rows)
     print(f"predicted {len(rows)} images -> {out}")
     return rows
 
@@ -294,20 +289,19 @@ def tune_checkpoint(
     examples = load_split(config.data, split)
     if config.eval.max_images:
         examples = examples[: int(config.eval.max_images)]
-    result = evaluate_examples(
-        make_forward_fn(model, variables), examples, config.eval, model.variant,
-        keep_probabilities=True,
-    )
+    # The forward pass once per image; the grid then only re-runs the post-processing.
+    forward = make_forward_fn(model, variables)
+    probabilities = [
+        predict_probabilities(forward, ex.image, config.eval, model.variant)[..., 1]
+        for ex in tqdm(examples, desc="predict", unit="img")
+    ]
     best, rows = postprocess.tune_postprocess(
-        result["probabilities"], [ex.label for ex in examples],
+        probabilities, [ex.label for ex in examples],
         TUNE_THRESHOLDS, TUNE_MIN_SIZES, TUNE_OPENING_RADII, fill_holes=bool(config.eval.fill_holes),
     )
     out = output_dir or os.path.join(checkpoint, f"tune_{split}")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "tuning.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(os.path.join(out, "tuning.csv"), rows)
     best_row = next(r for r in rows if all(r[k] == v for k, v in best.items() if k in r))
     with open(os.path.join(out, "best.json"), "w") as f:
         json.dump({"split": split, "step": step, "params": best,

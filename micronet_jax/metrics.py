@@ -334,12 +334,25 @@ def per_image_metrics(
     pred: np.ndarray, gt: np.ndarray, fn_rule: str = "default", threshold_rule: str = "strict"
 ) -> dict[str, Any]:
     """The three GlaS scores and the counts for one image (the per-image row of a report)."""
-    s = image_stats(pred, gt, fn_rule=fn_rule, threshold_rule=threshold_rule)
-    return {k: s[k] for k in ("f1", "dice", "hausdorff", "tp", "fp", "fn")}
+    return per_image_row(image_stats(pred, gt, fn_rule=fn_rule, threshold_rule=threshold_rule))
 
 
-def aggregate_stats(stats: Sequence[dict[str, Any]], mode: str = "pooled") -> dict[str, Any]:
-    """Combines :func:`image_stats` dicts into dataset scores (pooled = challenge definition)."""
+def per_image_row(stats: dict[str, Any]) -> dict[str, Any]:
+    """The per-image report columns out of one :func:`image_stats` result."""
+    return {k: stats[k] for k in ("f1", "dice", "hausdorff", "tp", "fp", "fn")}
+
+
+def aggregate_stats(
+    stats: Sequence[dict[str, Any]],
+    mode: str = "pooled",
+    fn_rule: str = "default",
+    threshold_rule: str = "strict",
+) -> dict[str, Any]:
+    """Combines :func:`image_stats` dicts into dataset scores (pooled = challenge definition).
+
+    ``fn_rule`` and ``threshold_rule`` are the rules the stats were computed with; they are echoed
+    in the result, as :func:`glas_metrics` does.
+    """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     tot = {k: sum(s[k] for s in stats) for k in (
@@ -374,6 +387,8 @@ def aggregate_stats(stats: Sequence[dict[str, Any]], mode: str = "pooled") -> di
         out["object_hausdorff"] = mean("hausdorff")
         out["pixel_dice"] = mean("pixel_dice")
         out["pixel_iou"] = mean("pixel_iou")
+    out["fn_rule"] = fn_rule
+    out["threshold_rule"] = threshold_rule
     return out
 
 
@@ -408,7 +423,4 @@ def glas_metrics(
             stats.append(image_stats(p, g, fn_rule=fn_rule, threshold_rule=threshold_rule))
         except ValueError as e:
             raise ValueError(f"image {k}: {e}") from e
-    out = aggregate_stats(stats, mode=mode)
-    out["fn_rule"] = fn_rule
-    out["threshold_rule"] = threshold_rule
-    return out
+    return aggregate_stats(stats, mode=mode, fn_rule=fn_rule, threshold_rule=threshold_rule)

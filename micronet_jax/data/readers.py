@@ -76,12 +76,6 @@ class Example:
     grade: str | None = None
     patient: str | None = None
 
-    @property
-    def num_objects(self) -> int:
-        """Number of distinct non-zero ids (glands) in the label."""
-        ids = np.unique(self.label)
-        return int(np.count_nonzero(ids))
-
 
 # ----------------------------------------------------------------------------------------- files
 

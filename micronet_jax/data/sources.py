@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from micronet_jax.data.augment import config_value
 from micronet_jax.data.readers import DataError, Example, load_folder, load_glas, split_train_val
 from micronet_jax.data.synthetic import make_synthetic_glands
 
@@ -74,7 +75,7 @@ def load_split(data_config: Any, split: str) -> list[Example]:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     source = str(data_config.source)
-    root = data_config.get("root") if hasattr(data_config, "get") else getattr(data_config, "root", None)
+    root = config_value(data_config, "root")
     if source == "synthetic":
         examples = _synthetic(data_config, split)
         where = "synthetic data"

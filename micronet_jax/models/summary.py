@@ -16,7 +16,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from micronet_jax.models.layers import ConvTranspose
 from micronet_jax.models.micronet import MicroNet
@@ -151,12 +150,3 @@ def format_summary(model: MicroNet) -> str:
         f"per patch (remat={model.remat}, remat_heads={model.remat_heads})",
     ]
     return "\n".join(lines)
-
-
-def main_numbers(model: MicroNet) -> dict[str, float]:
-    """Parameter count and forward FLOPs, for reports and the benchmark."""
-    rows = layer_table(model)
-    return {
-        "params": float(count_params(abstract_variables(model)["params"])),
-        "forward_flops": 2.0 * float(np.sum([r.macs for r in rows])),
-    }
