@@ -224,6 +224,19 @@ def test_head_dropout_follows_flax_semantics():
     assert abs((y > 0).mean() - 0.5) < 0.01
     assert named_mask_dropout(x, 0.5, jax.random.key(0)).dtype == jnp.bfloat16
     assert not np.any(np.asarray(named_mask_dropout(x, 1.0, jax.random.key(0)), np.float32))
+    # Rate 0.5 unpacks 32 coins from each random word (70 channels: three words, the last partly
+    # used): each element kept with probability 1/2, independently of its neighbours in channel,
+    # space and batch, and a different mask for a different key.
+    ones = jnp.ones((2, 96, 96, 70), jnp.float32)
+    keep = np.asarray(named_mask_dropout(ones, 0.5, jax.random.key(1))) > 0
+    assert abs(keep.mean() - 0.5) < 0.005
+    assert abs(keep[..., 64:].mean() - 0.5) < 0.02  # the partly used last word
+    for a, b in ((keep[..., 1:], keep[..., :-1]), (keep[:, 1:], keep[:, :-1]), (keep[1], keep[0])):
+        assert abs(np.mean(a == b) - 0.5) < 0.01  # agreement of 0.5 = uncorrelated coins
+    other = np.asarray(named_mask_dropout(ones, 0.5, jax.random.key(2))) > 0
+    assert abs(np.mean(keep == other) - 0.5) < 0.01
+    # Other rates go through jax.random.bernoulli.
+    assert abs((np.asarray(named_mask_dropout(ones, 0.25, jax.random.key(1))) > 0).mean() - 0.75) < 0.005
     # dropout 0: train mode is the eval forward
     model = make_model(width=1 / 64, dtype="float32", dropout=0.0)
     xs = jax.random.normal(jax.random.key(1), (1, 508, 508, 3))

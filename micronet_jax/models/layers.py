@@ -86,12 +86,16 @@ class ConvTranspose(nn.Module):
             y = _depth_to_space_transpose(x, kernel)
         elif self.impl == "fast" and s == 1:
             # A stride-1 VALID transposed conv is a correlation of the (k-1)-padded input with the
-            # same kernel: lax.conv_transpose without transpose_kernel does not flip it.
+            # same kernel: lax.conv_transpose without transpose_kernel does not flip it. The padding
+            # is an explicit jnp.pad, not the conv's own: the kernel gradient is then an ordinary
+            # VALID conv, which XLA's CPU backend runs 4-10x faster than the gradient of a padded
+            # conv (that one lowers to a slow loop nest; issue #18 profile in docs/benchmarks.md).
+            pad = k - 1
             y = jax.lax.conv_general_dilated(
-                x,
+                jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))),
                 kernel,
                 window_strides=(1, 1),
-                padding=((k - 1, k - 1), (k - 1, k - 1)),
+                padding="VALID",
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
         else:

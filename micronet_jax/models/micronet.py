@@ -15,9 +15,10 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from micronet_jax.models.layers import ConvTranspose, conv, get_activation
+from micronet_jax.models.layers import ConvTranspose, conv, get_activation, kernel_init
 
 Dtype = Any
 
@@ -172,15 +173,46 @@ def named_mask_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     random bits again or storing the dropped copy of the features."""
     if rate >= 1.0:
         return jnp.zeros_like(x)
-    keep = checkpoint_name(jax.random.bernoulli(key, 1.0 - rate, x.shape), DROPOUT_MASK)
+    return _apply_keep_mask(x, _dropout_keep_mask(x.shape, rate, key), rate)
+
+
+def _dropout_keep_mask(shape: tuple[int, ...], rate: float, key: jax.Array) -> jax.Array:
+    """The boolean keep-mask of :func:`named_mask_dropout`, named for head rematerialisation.
+
+    At the paper's rate 0.5 every element is one fair coin, so each random 32-bit word is unpacked
+    into 32 mask elements instead of drawing one 32-bit uniform per element as
+    ``jax.random.bernoulli`` does: the same distribution (independent, kept with probability
+    exactly 1/2) from 1/32 of the random bits. The heads draw 510x510x56 coins per patch at width
+    1/16, and generating them was a quarter of the CPU training step (docs/benchmarks.md, #18).
+    Other rates use ``jax.random.bernoulli``.
+    """
+    if rate == 0.5 and len(shape) >= 1:
+        words = -(-shape[-1] // 32)
+        bits = jax.random.bits(key, tuple(shape[:-1]) + (words,), jnp.uint32)
+        unpacked = (bits[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+        keep = unpacked.reshape(tuple(shape[:-1]) + (words * 32,))[..., : shape[-1]] == 1
+    else:
+        keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+    return checkpoint_name(keep, DROPOUT_MASK)
+
+
+def _apply_keep_mask(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 class Head(nn.Module):
     """Dropout then an unpadded 3x3 conv to class logits, no activation (§1 groups 4-5, §7.7).
 
-    Takes one feature map, or several that it concatenates first (the main output, group 5), so that
-    under head rematerialisation the 510x510x448 concatenation is recomputed, not stored.
+    Takes one feature map, or several (the main output, group 5, reads the concatenation of the
+    three feature masks). For several, the conv over the concatenation is computed as the sum of
+    one conv per source with the matching slice of the kernel: the same parameters (one ``kernel``
+    of shape (3, 3, sum of channels, classes)), the same dropout mask (drawn once over the
+    concatenated shape and sliced) and the same result up to float summation order, without ever
+    materialising the 510x510x448 concatenation. Under head rematerialisation nothing but the
+    sources and the mask is stored; on the CPU, XLA's conv over 28 channels at 510x510 (width 1/16)
+    is 4x slower than the three convs over 4, 8 and 16 channels (docs/benchmarks.md, issue #18).
     """
 
     num_classes: int
@@ -189,12 +221,50 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, features: jax.Array | Sequence[jax.Array], train: bool) -> jax.Array:
-        x = jnp.concatenate(features, axis=-1) if isinstance(features, (list, tuple)) else features
+        parts = list(features) if isinstance(features, (list, tuple)) else [features]
+        sizes = [p.shape[-1] for p in parts]
         if train and self.dropout > 0:
-            x = named_mask_dropout(x, self.dropout, self.make_rng("dropout"))
-        y = conv(self.num_classes, 3, self.dtype, "conv")(x)
-        # §8: logits leave the model in float32 so log-softmax and the weighted loss run in float32.
+            full_shape = parts[0].shape[:-1] + (sum(sizes),)
+            keep = _dropout_keep_mask(full_shape, self.dropout, self.make_rng("dropout"))
+            offsets = np.cumsum([0] + sizes)
+            parts = [
+                _apply_keep_mask(p, keep[..., a:b], self.dropout)
+                for p, a, b in zip(parts, offsets[:-1], offsets[1:])
+            ]
+        y = SplitInputConv(self.num_classes, 3, self.dtype, name="conv")(parts)
+        # Logits leave the model in float32 so log-softmax and the weighted loss run in float32.
         return y.astype(jnp.float32)
+
+
+class SplitInputConv(nn.Module):
+    """A VALID conv over the channel-concatenation of ``parts``, as a sum of one conv per part.
+
+    Parameters and initialisation are those of :func:`~micronet_jax.models.layers.conv` (``kernel``
+    (k, k, sum of channels, features), Glorot-uniform over the full fan-in, zero ``bias``), so a
+    checkpoint does not depend on how the input is split.
+    """
+
+    features: int
+    kernel_size: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+        k = self.kernel_size
+        cin = sum(p.shape[-1] for p in parts)
+        kernel = self.param("kernel", kernel_init, (k, k, cin, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
+        y, start = None, 0
+        for p in parts:
+            c = p.shape[-1]
+            z = jax.lax.conv_general_dilated(
+                p.astype(self.dtype), kernel[:, :, start:start + c], (1, 1), "VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            y = z if y is None else y + z
+            start += c
+        return y + bias
 
 
 class MicroNet(nn.Module):

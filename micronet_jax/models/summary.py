@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from micronet_jax.models.layers import ConvTranspose
-from micronet_jax.models.micronet import MicroNet
+from micronet_jax.models.micronet import MicroNet, SplitInputConv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +52,13 @@ def layer_table(model: MicroNet) -> list[LayerRow]:
         out = next_fun(*args, **kwargs)
         module = context.module
         if context.method_name != "__call__" or not isinstance(
-            module, (nn.Conv, ConvTranspose, nn.BatchNorm)
+            module, (nn.Conv, SplitInputConv, ConvTranspose, nn.BatchNorm)
         ):
             return out
         params = module.variables.get("params", {})
         n_params = count_params(params)
         x = args[0]
-        if isinstance(module, nn.Conv):
+        if isinstance(module, (nn.Conv, SplitInputConv)):
             kh, kw, cin, cout = params["kernel"].shape
             macs = math.prod(out.shape[1:3]) * kh * kw * cin * cout
             kind = f"conv {kh}x{kw}"
