@@ -194,10 +194,7 @@ def _train_source(config: ml_collections.ConfigDict) -> Any:
     key = json.dumps(d, sort_keys=True, default=str)
     if key not in _SOURCE_CACHE:
         _SOURCE_CACHE.clear()  # Keep at most one source alive (GlaS: hundreds of MB).
-        _SOURCE_CACHE[key] = TrainSource(
-            load_split(config.data, "train"), patch_size=int(config.data.patch_size),
-            weight_map_config=config.data.weight_map,
-        )
+        _SOURCE_CACHE[key] = TrainSource.from_config(load_split(config.data, "train"), config.data)
     return _SOURCE_CACHE[key]
 
 
@@ -376,7 +373,9 @@ def evaluate_variables(
     from micronet_jax import evaluate
 
     forward, tile = _forward_fn(config, variables)
-    return evaluate.evaluate_examples(forward, examples, config.eval, tile, progress=False)
+    return evaluate.evaluate_examples(
+        forward, examples, config.eval, tile, progress=False, scale=float(config.data.scale)
+    )
 
 
 # ------------------------------------------------------------------------------ the sweep

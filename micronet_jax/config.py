@@ -58,6 +58,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic_num_val = 4
     c.data.synthetic_height = 522
     c.data.synthetic_width = 775
+    c.data.synthetic_touch_prob = 0.4  # Chance a synthetic gland is placed against another (touching).
+    # What the network is trained to output. "binary": background / gland (the paper, §7.8).
+    # "contour": background / gland interior / a boundary band data.boundary_width px wide inside
+    # every outline (both sides where glands touch); needs model.num_classes=3 and is post-processed
+    # by a marker-controlled watershed, which separates touching glands (micronet_jax/data/targets.py).
+    c.data.target = "binary"
+    c.data.boundary_width = 4
+    # Resample every image (and label) by this factor before training and inference; predictions are
+    # resampled back, so metrics are always at the original resolution. 1.0 = the paper; 0.5 lets a
+    # 508 (or 252) patch see four times the tissue, for fewer FLOPs per gland on small machines.
+    c.data.scale = 1.0
     # Augmentation (spec §4 "Augmentation", §7.13).
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.enabled = True
@@ -115,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.fill_holes = True
     c.eval.opening_radius = 0  # Binary opening with a disk; 0 = off.
     c.eval.min_size = 300  # Remove objects smaller than this many pixels (§7.17).
+    # data.target="contour" only: seeds are p(interior) > marker_threshold; the gland mask is
+    # p(interior) + p(boundary) > threshold; seeds smaller than min_marker_size px are dropped.
+    c.eval.marker_threshold = 0.5
+    c.eval.min_marker_size = 30
     c.eval.max_images = config_dict.placeholder(int)  # Evaluate only the first N images (smoke runs).
     c.eval.num_overlays = 4  # Overlay PNGs written per evaluation.
 

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from micronet_jax import checkpointing, infer, metrics, postprocess, visualize
-from micronet_jax.data import augment
+from micronet_jax.data import augment, resample
 from micronet_jax.data.readers import DataError, read_image
 from micronet_jax.models import MicroNet, build_model
 from micronet_jax.models.summary import abstract_variables
@@ -56,29 +56,47 @@ def make_forward_fn(
 
 
 def predict_probabilities(
-    forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray, eval_config, tile: int
+    forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray, eval_config, tile: int,
+    scale: float = 1.0,
 ) -> np.ndarray:
-    """Class probabilities (H, W, C) for one uint8 RGB image of any size."""
-    return infer.tiled_predict(
+    """Class probabilities (H, W, C) for one uint8 RGB image of any size.
+
+    The image is resampled by ``scale`` (``data.scale``, as in training) and the probabilities back
+    to (H, W). Each tile is standardised on its own, exactly as training standardises each crop,
+    so the network sees the same input statistics in both (docs/accuracy.md).
+    """
+    small = resample.rescale_image(image, scale)
+    prob = infer.tiled_predict(
         forward,
-        augment.standardize(image),
+        small,
         tile=tile,
         margin=int(eval_config.margin),
         stitch=str(eval_config.stitch),
         tile_batch=int(eval_config.tile_batch),
         tta=bool(eval_config.tta),
+        preprocess=augment.standardize,
     )
+    return resample.resize_probabilities(prob, image.shape[:2])
 
 
 def to_instances(prob: np.ndarray, eval_config) -> np.ndarray:
-    """Gland probability -> instance labels with the configured post-processing (spec §5)."""
-    return postprocess.probability_to_instances(
-        prob[..., 1],
+    """Class probabilities -> instance labels with the configured post-processing (spec §5).
+
+    Two classes: threshold p(gland) and connected components. Three (``data.target=contour``):
+    the marker-controlled watershed of :func:`postprocess.contour_to_instances`.
+    """
+    common = dict(
         threshold=float(eval_config.threshold),
         fill_holes=bool(eval_config.fill_holes),
         opening_radius=int(eval_config.opening_radius),
         min_size=int(eval_config.min_size),
     )
+    if prob.shape[-1] == 3:
+        return postprocess.contour_to_instances(
+            prob, marker_threshold=float(eval_config.marker_threshold),
+            min_marker_size=int(eval_config.min_marker_size), **common,
+        )
+    return postprocess.probability_to_instances(prob[..., 1], **common)
 
 
 def evaluate_examples(
@@ -89,6 +107,7 @@ def evaluate_examples(
     *,
     overlay_dir: str | None = None,
     progress: bool = True,
+    scale: float = 1.0,
 ) -> dict[str, Any]:
     """Segments and scores ``examples`` (``.image``, ``.label``, ``.name``).
 
@@ -99,7 +118,7 @@ def evaluate_examples(
     preds, stats, rows = [], [], []
     n_overlays = int(eval_config.num_overlays)
     for i, ex in enumerate(tqdm(examples, desc="evaluate", unit="img", disable=not progress)):
-        pred = to_instances(predict_probabilities(forward, ex.image, eval_config, tile), eval_config)
+        pred = to_instances(predict_probabilities(forward, ex.image, eval_config, tile, scale), eval_config)
         preds.append(pred)
         s = metrics.image_stats(pred, ex.label)
         stats.append(s)
@@ -208,7 +227,7 @@ def evaluate_checkpoint(
     out = output_dir or os.path.join(checkpoint, f"eval_{split}")
     result = evaluate_examples(
         make_forward_fn(model, variables), examples, config.eval, model.variant,
-        overlay_dir=os.path.join(out, "overlays"),
+        overlay_dir=os.path.join(out, "overlays"), scale=float(config.data.scale),
     )
     write_report(out, split, result, {"checkpoint": os.path.abspath(checkpoint), "step": step,
                                        "tta": bool(config.eval.tta)})
@@ -245,7 +264,10 @@ def predict_folder(
     rows = []
     for path in tqdm(files, desc="predict", unit="img"):
         image = read_image(path)
-        labels = to_instances(predict_probabilities(forward, image, config.eval, model.variant), config.eval)
+        labels = to_instances(
+            predict_probabilities(forward, image, config.eval, model.variant, float(config.data.scale)),
+            config.eval,
+        )
         # 16-bit PNG so images with more than 255 glands keep their ids.
         visualize.save_png(out / "labels" / f"{path.stem}.png", labels.astype(np.uint16))
         visualize.save_png(out / "overlays" / f"{path.stem}_overlay.png",
@@ -267,6 +289,7 @@ def predict_folder(
 TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 TUNE_MIN_SIZES = (0, 50, 100, 200, 300, 500, 800, 1200)
 TUNE_OPENING_RADII = (0, 2, 3)
+TUNE_MARKER_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)  # data.target=contour only
 
 
 def tune_checkpoint(
@@ -292,12 +315,15 @@ def tune_checkpoint(
     # The forward pass once per image; the grid then only re-runs the post-processing.
     forward = make_forward_fn(model, variables)
     probabilities = [
-        predict_probabilities(forward, ex.image, config.eval, model.variant)[..., 1]
+        predict_probabilities(forward, ex.image, config.eval, model.variant, float(config.data.scale))
         for ex in tqdm(examples, desc="predict", unit="img")
     ]
+    # Two classes: tune on p(gland); three: on the whole map, with the watershed's seed threshold.
+    probabilities = [p[..., 1] if p.shape[-1] == 2 else p for p in probabilities]
     best, rows = postprocess.tune_postprocess(
         probabilities, [ex.label for ex in examples],
         TUNE_THRESHOLDS, TUNE_MIN_SIZES, TUNE_OPENING_RADII, fill_holes=bool(config.eval.fill_holes),
+        marker_thresholds=TUNE_MARKER_THRESHOLDS, min_marker_size=int(config.eval.min_marker_size),
     )
     out = output_dir or os.path.join(checkpoint, f"tune_{split}")
     os.makedirs(out, exist_ok=True)

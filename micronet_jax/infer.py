@@ -100,8 +100,13 @@ def tiled_predict(
     tile_batch: int = 4,
     tta: bool = False,
     num_classes: int | None = None,
+    preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities (H, W, C) float32 for a standardised float32 image (H, W, 3) of any size.
+    """Softmax probabilities (H, W, C) float32 for an image (H, W, 3) of any size.
+
+    ``preprocess`` maps each (tile, tile, 3) window of the reflect-padded image to the network's
+    float32 input (the evaluator passes per-tile standardisation, as training standardises each
+    crop); without it the image must already be the float32 network input.
 
     ``forward_fn`` maps (tile_batch, tile, tile, 3) float32 to logits (tile_batch, tile, tile, C); it is
     always called with exactly ``tile_batch`` tiles. ``tta`` averages probabilities over the 8 dihedral
@@ -114,7 +119,7 @@ def tiled_predict(
         raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
     if margin < 0 or tile - 2 * margin <= 0:
         raise ValueError(f"need 0 <= margin and tile > 2*margin, got tile={tile}, margin={margin}")
-    img = np.asarray(image, dtype=np.float32)
+    img = np.asarray(image) if preprocess is not None else np.asarray(image, dtype=np.float32)
     if img.ndim != 3:
         raise ValueError(f"image must be (H, W, channels), got shape {img.shape}")
     h, w = img.shape[:2]
@@ -149,7 +154,10 @@ def tiled_predict(
         batch = np.zeros((tile_batch, tile, tile, img.shape[2]), np.float32)
         for b, (t, k) in enumerate(chunk):
             y, x = tiles[t]
-            batch[b] = dihedral(padded[None, y:y + tile, x:x + tile], k)[0]
+            window = padded[y:y + tile, x:x + tile]
+            if preprocess is not None:
+                window = preprocess(window)
+            batch[b] = dihedral(window[None], k)[0]
         logits = np.asarray(forward_fn(batch), dtype=np.float32)
         if logits.ndim != 4 or logits.shape[:3] != (tile_batch, tile, tile):
             raise ValueError(

@@ -18,10 +18,11 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 from skimage.morphology import disk
+from skimage.segmentation import watershed
 
 from micronet_jax.metrics import _as_label_image, _combine, _compact, _detection_and_dice, _f1
 
-__all__ = ["probability_to_instances", "tune_postprocess"]
+__all__ = ["contour_to_instances", "probability_to_instances", "tune_postprocess"]
 
 _CONNECTIVITY = np.ones((3, 3), bool)  # 8-connectivity
 
@@ -69,6 +70,63 @@ def probability_to_instances(
     return _size_filter_lut(sizes, int(min_size))[labels]
 
 
+def _contour_components(
+    prob: np.ndarray, threshold: float, marker_threshold: float, min_marker_size: int,
+    fill_holes: bool, opening_radius: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Marker-controlled watershed of a 3-class map; returns (labels, sizes indexed by label)."""
+    prob = np.asarray(prob)
+    if prob.ndim != 3 or prob.shape[-1] != 3:
+        raise ValueError(f"need (H, W, 3) background/interior/boundary probabilities, got {prob.shape}")
+    interior = prob[..., 1]
+    mask = (interior + prob[..., 2]) > threshold
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    if opening_radius > 0:
+        mask = ndimage.binary_opening(mask, structure=disk(int(opening_radius)).astype(bool))
+    seeds = (interior > marker_threshold) & mask
+    markers, n = ndimage.label(seeds, structure=_CONNECTIVITY)
+    if n and min_marker_size > 0:
+        small = np.bincount(markers.ravel(), minlength=n + 1) < min_marker_size
+        small[0] = False
+        markers[small[markers]] = 0
+    # A part of the mask that no seed reaches (a gland whose interior was not found) stays an
+    # object of its own instead of vanishing.
+    orphans, n_orphans = ndimage.label(mask & ~ndimage.binary_propagation(markers > 0, mask=mask),
+                                       structure=_CONNECTIVITY)
+    top = int(markers.max())
+    markers = np.where(orphans > 0, orphans + top, markers)
+    # Flood from the seeds over -p(interior): basins meet where the interior probability is lowest,
+    # i.e. on the boundary band between touching glands.
+    labels = watershed(-interior, markers, mask=mask, connectivity=2)
+    _, labels = np.unique(labels, return_inverse=True)
+    labels = labels.reshape(mask.shape)
+    sizes = np.bincount(labels.ravel())
+    return labels, sizes
+
+
+def contour_to_instances(
+    prob: np.ndarray,
+    threshold: float = 0.5,
+    marker_threshold: float = 0.5,
+    min_marker_size: int = 30,
+    fill_holes: bool = True,
+    opening_radius: int = 0,
+    min_size: int = 300,
+) -> np.ndarray:
+    """Background/interior/boundary probabilities (H, W, 3) -> int32 instance labels (``data.target=contour``).
+
+    The gland mask is p(interior) + p(boundary) > ``threshold`` (holes filled, optional opening);
+    connected regions of p(interior) > ``marker_threshold`` of at least ``min_marker_size`` px are the
+    seeds; a watershed on -p(interior) grows each seed over the mask, so two touching glands split
+    along their shared boundary band. Objects under ``min_size`` px are then removed.
+    """
+    labels, sizes = _contour_components(
+        prob, threshold, marker_threshold, int(min_marker_size), fill_holes, int(opening_radius)
+    )
+    return _size_filter_lut(sizes, int(min_size))[labels]
+
+
 def tune_postprocess(
     prob_maps: Sequence[np.ndarray],
     gt_labels: Sequence[np.ndarray],
@@ -76,8 +134,13 @@ def tune_postprocess(
     min_sizes: Sequence[int],
     opening_radii: Sequence[int] = (0,),
     fill_holes: bool = True,
+    marker_thresholds: Sequence[float] = (0.5,),
+    min_marker_size: int = 30,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Grid search of post-processing constants by pooled object F1, ties broken by pooled Object Dice.
+
+    ``prob_maps`` are either foreground maps (H, W) for :func:`probability_to_instances`, or 3-class
+    maps (H, W, 3) for :func:`contour_to_instances`, where ``marker_thresholds`` is searched too.
 
     Use validation images only. Returns ``(best, rows)``: ``best`` holds only keyword arguments of
     :func:`probability_to_instances` (so ``probability_to_instances(p, **best)`` reproduces it), and
@@ -96,17 +159,22 @@ def tune_postprocess(
     gts = []
     for k, (p, g) in enumerate(zip(prob_maps, gt_labels)):
         g = _as_label_image(g, f"gt_labels[{k}]")
-        if np.shape(p) != g.shape:
+        if np.shape(p)[:2] != g.shape:
             raise ValueError(f"image {k}: probability shape {np.shape(p)} != GT shape {g.shape}")
         g_c, _ = _compact(g)
         gts.append((g_c, int(g_c.max()) if g_c.size else 0))
 
+    contour = np.ndim(prob_maps[0]) == 3
+    marker_grid = tuple(marker_thresholds) if contour else (None,)
     rows: list[dict[str, Any]] = []
-    for thr, rad in itertools.product(thresholds, opening_radii):
+    for thr, rad, mthr in itertools.product(thresholds, opening_radii, marker_grid):
         # Per image: component x GT contingency once; each min_size just drops/merges rows of it.
         per_image = []
         for p, (g_c, n_g) in zip(prob_maps, gts):
-            labels, sizes = _binary_components(p, thr, fill_holes, int(rad))
+            if contour:
+                labels, sizes = _contour_components(p, thr, mthr, min_marker_size, fill_holes, int(rad))
+            else:
+                labels, sizes = _binary_components(p, thr, fill_holes, int(rad))
             n_c = sizes.size - 1
             idx = labels.ravel().astype(np.intp) * (n_g + 1) + g_c.ravel()
             cont = np.bincount(idx, minlength=(n_c + 1) * (n_g + 1)).reshape(n_c + 1, n_g + 1)
@@ -127,6 +195,8 @@ def tune_postprocess(
                 tot["s_area"] += int(d["s_area"].sum())
                 tot["g_area"] += int(d["g_area"].sum())
             rows.append({
+                **({"marker_threshold": float(mthr), "min_marker_size": int(min_marker_size)}
+                   if contour else {}),
                 "threshold": float(thr),
                 "opening_radius": int(rad),
                 "min_size": int(ms),
@@ -139,5 +209,8 @@ def tune_postprocess(
                 "fn": tot["fn"],
             })
     best_row = max(enumerate(rows), key=lambda t: (t[1]["f1"], t[1]["object_dice"], -t[0]))[1]
-    best = {k: best_row[k] for k in ("threshold", "fill_holes", "opening_radius", "min_size")}
+    keys = ("threshold", "fill_holes", "opening_radius", "min_size")
+    if contour:
+        keys += ("marker_threshold", "min_marker_size")
+    best = {k: best_row[k] for k in keys}
     return best, rows

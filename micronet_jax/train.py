@@ -97,6 +97,15 @@ def check_batch(config: ml_collections.ConfigDict, num_devices: int | None = Non
             f"config train.batch_size={b} must be divisible by train.grad_accum_steps={k} times the "
             f"number of devices ({d}); e.g. use --config.train.batch_size={k * d * max(1, b // (k * d))}"
         )
+    from micronet_jax.data.targets import num_classes
+
+    want = num_classes(str(config.data.target))
+    if int(config.model.num_classes) != want:
+        raise ValueError(
+            f"config model.num_classes={config.model.num_classes} does not match "
+            f"data.target={config.data.target!r}, which needs {want} classes "
+            f"(--config.model.num_classes={want})"
+        )
     if config.data.crop_size != config.model.variant:
         raise ValueError(
             f"config data.crop_size={config.data.crop_size} must equal model.variant="
@@ -408,10 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Data: every process builds the same source and reads its own disjoint slice of each batch.
     train_examples = load_split(config.data, "train")
     val_examples = _validation_examples(config)
-    source = TrainSource(
-        train_examples, patch_size=int(config.data.patch_size),
-        weight_map_config=config.data.weight_map,
-    )
+    source = TrainSource.from_config(train_examples, config.data)
     dataset = make_train_dataset(
         source, config.data, global_batch_size=int(config.train.batch_size),
         seed=int(config.seed), process_index=jax.process_index(),
@@ -571,7 +577,7 @@ def _validate(
         trainer.eval_forward(state), examples, config.eval, trainer.model.variant,
         # Every process validates (same weights, same result); only process 0 writes files.
         overlay_dir=os.path.join(out, "overlays") if out and jax.process_index() == 0 else None,
-        progress=jax.process_index() == 0,
+        progress=jax.process_index() == 0, scale=float(config.data.scale),
     )
     s = result["summary"]
     writer.scalars(step, {k: s[k] for k in ("f1", "object_dice", "object_hausdorff", "pixel_dice",

@@ -204,3 +204,34 @@ def test_center_never_uses_tile_margins(shape: tuple[int, int]) -> None:
 
     got = tiled_predict(poisoned, smooth_image(*shape), tile=tile, margin=margin, stitch="center")
     assert got[..., 1].max() < 0.5
+
+
+def test_each_tile_is_standardised_like_a_training_crop():
+    """Training standardises each crop; inference must standardise each tile, not the whole image."""
+    from micronet_jax import evaluate, infer
+    from micronet_jax.config import base_config
+    from micronet_jax.data.augment import standardize
+    from micronet_jax.data.synthetic import make_synthetic_glands
+
+    image = make_synthetic_glands(1, height=522, width=775, seed=4)[0].image
+    seen = []
+
+    def forward(tiles):
+        seen.extend(np.array(t) for t in tiles)
+        return np.zeros(tiles.shape[:3] + (2,), np.float32)
+
+    cfg = base_config().eval
+    cfg.tile_batch = 1
+    evaluate.predict_probabilities(forward, image, cfg, 508)
+    (top, bottom), (left, right) = (infer._pad_amounts(n, 508, 64) for n in image.shape[:2])
+    padded = np.pad(image, ((top, bottom), (left, right), (0, 0)), mode="reflect")
+    ys = infer.tile_positions(padded.shape[0], 508, 64)
+    xs = infer.tile_positions(padded.shape[1], 508, 64)
+    want = [standardize(padded[y:y + 508, x:x + 508]) for y in ys for x in xs]
+    assert len(seen) == len(want) == 6
+    for got, w in zip(seen, want):
+        np.testing.assert_allclose(got, w, atol=1e-5)
+        assert abs(float(got.mean())) < 1e-4 and abs(float(got.std()) - 1) < 1e-3
+    # The whole-image standardisation it replaces differs visibly on the same pixels.
+    whole = standardize(padded)[ys[0]:ys[0] + 508, xs[0]:xs[0] + 508]
+    assert np.abs(whole - want[0]).max() > 0.01

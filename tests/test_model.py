@@ -275,3 +275,43 @@ def test_activation_and_batch_norm_switches_run():
     )(variables)
     assert math.isfinite(float(out["main"].sum()))
     assert "batch_stats" in updates
+
+
+def _keys_cubic(x, a=-0.75):
+    x = np.abs(x)
+    return np.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1,
+                    np.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0.0))
+
+
+def _torch_bicubic_matrix(n_in, n_out):
+    """PyTorch's bicubic (a = -0.75, align_corners=False, edge indices clamped), as a matrix."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        x0 = int(np.floor(src))
+        for k in range(-1, 3):
+            m[i, min(max(x0 + k, 0), n_in - 1)] += _keys_cubic(src - x0 - k)
+    return m
+
+
+def test_resized_input_branch_is_pytorch_bicubic():
+    """Spec §7.15: the B1..B4 resized inputs follow F.interpolate(mode='bicubic'), not Keys a=-0.5."""
+    model = make_model(width=1 / 64, dtype="float32")
+    x = jax.random.normal(jax.random.key(0), (1, 508, 508, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    captured = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.module.name == "conv3" and context.method_name == "__call__":
+            captured[context.module.path[0]] = np.asarray(args[0])
+        return next_fun(*args, **kwargs)
+
+    import flax.linen as nn
+
+    with nn.intercept_methods(record):
+        model.apply(variables, x)
+    for block, size in zip(("B1", "B2", "B3", "B4"), resize_targets(508)):
+        m = _torch_bicubic_matrix(508, size)
+        want = np.einsum("ih,hwc->iwc", m, np.asarray(x[0], np.float64))
+        want = np.einsum("jw,iwc->ijc", m, want)
+        np.testing.assert_allclose(captured[block][0], want, atol=2e-5)

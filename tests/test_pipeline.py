@@ -148,7 +148,7 @@ def test_weight_maps_are_computed_once(examples, data_config, monkeypatch):
         return original(label, **kwargs)
 
     monkeypatch.setattr(pipeline.wm_lib, "unet_weight_map", counting)
-    source = TrainSource(examples, patch_size=128, weight_map_config=data_config.weight_map, num_threads=2)
+    source = TrainSource(examples, patch_size=128, weight_map_config=data_config.weight_map)
     assert len(calls) == len(examples)
     assert source.weight_map_seconds >= 0
     assert all(im.shape[:2] == (160, 200) and w.shape == (160, 200) for im, w in zip(source.images, source.weights))

@@ -44,6 +44,7 @@ def _synthetic(data_config: Any, split: str) -> list[Example]:
         width=int(data_config.synthetic_width),
         seed=seed,
         name_prefix=f"synthetic_{split}",
+        touch_prob=float(config_value(data_config, "synthetic_touch_prob", 0.4)),
     )
 
 

@@ -139,8 +139,13 @@ def _spaced_points(rng: np.random.Generator, mask: np.ndarray, cell: float, trie
     return cy[rows, first[rows]], cx[rows, first[rows]]
 
 
-def _place_glands(rng: np.random.Generator, h: int, w: int, scale: float, malignant: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (label map int32 with ids 1..K, per-id 'irregular' flags with index 0 unused)."""
+def _place_glands(
+    rng: np.random.Generator, h: int, w: int, scale: float, malignant: bool, touch_prob: float = 0.4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (label map int32 with ids 1..K, per-id 'irregular' flags with index 0 unused).
+
+    Each new gland is placed against an earlier one with probability ``touch_prob``.
+    """
     label = np.zeros((h, w), np.int32)
     centres: list[tuple[float, float, float]] = []  # (y, x, mean radius)
     irregular_flags = [False]
@@ -167,7 +172,7 @@ def _place_glands(rng: np.random.Generator, h: int, w: int, scale: float, malign
         phase = rng.uniform(0, 2 * np.pi, ks.size)
         r_lut = (1.0 + (amp[:, None] * np.cos(ks[:, None] * t_lut[None] + phase[:, None])).sum(0)).astype(np.float32)
         max_r = radius * aspect**0.5 * float(r_lut.max())
-        touch = bool(centres) and rng.random() < 0.4
+        touch = bool(centres) and rng.random() < touch_prob
         if touch:
             j = int(rng.integers(len(centres)))
             ty, tx, tr = centres[j]
@@ -217,13 +222,15 @@ def _place_glands(rng: np.random.Generator, h: int, w: int, scale: float, malign
     return remap[label], flags
 
 
-def _render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def _render(
+    rng: np.random.Generator, h: int, w: int, touch_prob: float = 0.4
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """Generates one (image uint8 (h, w, 3), label int32 (h, w), malignant) triple."""
     f32 = np.float32
     scale = float(np.clip(min(h, w) / 522.0, 0.15, 2.0))
     ns = f32(np.clip(scale, 0.5, 1.0))  # Nuclei shrink less than glands on tiny images.
     malignant = bool(rng.random() < 0.5)
-    label, irregular = _place_glands(rng, h, w, scale, malignant)
+    label, irregular = _place_glands(rng, h, w, scale, malignant, touch_prob)
     gland = label > 0
 
     # One distance transform serves inside and outside: distance to the nearest gland-boundary pixel
@@ -351,6 +358,7 @@ def make_synthetic_glands(
     width: int = 775,
     seed: int = 0,
     name_prefix: str = "synthetic",
+    touch_prob: float = 0.4,
 ) -> list[Example]:
     """Generates ``num_images`` H&E-like images with gland instance labels (see module docstring).
 
@@ -360,6 +368,8 @@ def make_synthetic_glands(
         ``min(height, width) / 522`` so tiny test images still hold a few glands.
       seed: Dataset seed.
       name_prefix: Example names are ``f"{name_prefix}_{i + 1}"`` (1-based, like GlaS).
+      touch_prob: chance that a new gland is placed against an earlier one (``data.synthetic_touch_prob``;
+        higher values give crowded, Test-B-like images where most glands touch a neighbour).
 
     Returns:
       Examples with ``uint8 (H, W, 3)`` images, ``int32 (H, W)`` labels (ids 1..K, no overlaps, the
@@ -373,7 +383,7 @@ def make_synthetic_glands(
     out = []
     for i in range(num_images):
         rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(i,)))
-        image, label, malignant = _render(rng, int(height), int(width))
+        image, label, malignant = _render(rng, int(height), int(width), float(touch_prob))
         out.append(
             Example(
                 name=f"{name_prefix}_{i + 1}",

@@ -40,12 +40,27 @@ def class_weights(label: np.ndarray) -> tuple[float, float]:
     return 0.5 / (1.0 - f_fg), 0.5 / f_fg
 
 
-def class_weight_map(label: np.ndarray, class_balance: bool = True) -> np.ndarray:
-    """The w_c term alone (the whole map when ``w0 == 0``): float32 (H, W)."""
+def class_weight_map(
+    label: np.ndarray, class_balance: bool = True, classes: np.ndarray | None = None
+) -> np.ndarray:
+    """The w_c term alone (the whole map when ``w0 == 0``): float32 (H, W).
+
+    ``classes`` (int (H, W), the training target, e.g. the 3-class contour map of
+    :mod:`micronet_jax.data.targets`) balances over its classes instead of gland/background: each
+    class present gets weight (1/K) / its pixel fraction, so every class carries the same total and
+    the pixel mean is 1. Without it this is :func:`class_weights` on ``label > 0``.
+    """
     if not class_balance:
         return np.ones(label.shape, np.float32)
-    w_bg, w_fg = class_weights(label)
-    return np.where(label > 0, np.float32(w_fg), np.float32(w_bg)).astype(np.float32)
+    if classes is None:
+        w_bg, w_fg = class_weights(label)
+        return np.where(label > 0, np.float32(w_fg), np.float32(w_bg)).astype(np.float32)
+    classes = np.asarray(classes)
+    counts = np.bincount(classes.ravel().astype(np.intp))
+    present = counts > 0
+    per_class = np.zeros(counts.size, np.float64)
+    per_class[present] = (1.0 / present.sum()) * classes.size / counts[present]
+    return per_class.astype(np.float32)[classes]
 
 
 def _two_nearest_distances(label: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
@@ -87,6 +102,7 @@ def unet_weight_map(
     w0: float = 10.0,
     sigma: float = 5.0,
     class_balance: bool = True,
+    classes: np.ndarray | None = None,
 ) -> np.ndarray:
     """U-Net weight map of an instance label image (spec §4, §7.11; U-Net defaults w0=10, sigma=5 px).
 
@@ -96,6 +112,7 @@ def unet_weight_map(
       w0: amplitude of the separation term; 0 gives the class-balance map only.
       sigma: width of the separation term in pixels.
       class_balance: use :func:`class_weights` for w_c; otherwise w_c = 1.
+      classes: optional training-target class map to balance over (see :func:`class_weight_map`).
 
     Returns:
       float32 (H, W). The separation term is added on background pixels only (the gaps between glands,
@@ -106,7 +123,7 @@ def unet_weight_map(
     label = np.asarray(label)
     if label.ndim != 2:
         raise ValueError(f"label must be (H, W), got shape {label.shape}")
-    weight = class_weight_map(label, class_balance)
+    weight = class_weight_map(label, class_balance, classes)
     if w0 == 0:
         return weight
     if sigma <= 0:

@@ -78,7 +78,7 @@ class DownBlock(nn.Module):
         # stay close to PyTorch's F.interpolate(mode="bicubic", align_corners=False).
         # Interpolate in float32 (the input arrives in float32) and only then drop to the compute dtype.
         r = jax.image.resize(
-            image.astype(jnp.float32), (n, self.resize_to, self.resize_to, c), method="cubic",
+            image.astype(jnp.float32), (n, self.resize_to, self.resize_to, c), method="cubic-pytorch",
             antialias=False,
         ).astype(self.dtype)
         r = maybe_bn(act(conv(self.features, 3, self.dtype, "conv3")(r)), "bn3")

@@ -1,0 +1,124 @@
+"""The three-class contour target, its class-balanced weights, the watershed that uses it, and
+resampling by data.scale."""
+
+import numpy as np
+import pytest
+
+from micronet_jax.data import resample, targets
+from micronet_jax.data.synthetic import make_synthetic_glands
+from micronet_jax.data.weight_map import class_weight_map, unet_weight_map
+from micronet_jax.postprocess import contour_to_instances, probability_to_instances, tune_postprocess
+
+
+def two_touching_squares():
+    label = np.zeros((40, 60), np.int32)
+    label[10:30, 10:30] = 1
+    label[10:30, 30:50] = 2  # shares the column boundary 29|30 with gland 1
+    return label
+
+
+def test_boundary_band_covers_both_sides_of_a_touching_border():
+    label = two_touching_squares()
+    classes = targets.class_map(label, "contour", boundary_width=2)
+    assert set(np.unique(classes)) == {0, 1, 2}
+    # Background stays background; each gland's outer two rings are band, the rest interior.
+    assert (classes[label == 0] == 0).all()
+    assert (classes[10:12, 10:50] == 2).all() and (classes[28:30, 10:50] == 2).all()
+    assert (classes[12:28, 28:32] == 2).all()  # both sides of the touching line
+    assert (classes[12:28, 12:28] == 1).all() and (classes[12:28, 32:48] == 1).all()
+    # So the interiors of the two glands are no longer connected.
+    from scipy import ndimage
+
+    assert ndimage.label(classes == 1)[1] == 2
+    assert ndimage.label(label > 0)[1] == 1  # ...while the two-class mask is one object
+    np.testing.assert_array_equal(targets.class_map(label, "binary"), (label > 0).astype(np.int32))
+
+
+def test_unknown_target_and_bad_width_name_the_key():
+    with pytest.raises(ValueError, match="data.target='edges'"):
+        targets.class_map(np.zeros((4, 4), int), "edges")
+    with pytest.raises(ValueError, match="data.boundary_width=0"):
+        targets.class_map(np.ones((4, 4), int), "contour", boundary_width=0)
+    assert targets.num_classes("binary") == 2 and targets.num_classes("contour") == 3
+
+
+def test_three_class_balance_gives_every_class_the_same_total_weight():
+    label = two_touching_squares()
+    classes = targets.class_map(label, "contour", boundary_width=2)
+    w = class_weight_map(label, True, classes)
+    totals = [w[classes == k].sum() for k in range(3)]
+    np.testing.assert_allclose(totals, [w.size / 3] * 3, rtol=1e-5)
+    assert w.mean() == pytest.approx(1.0, rel=1e-6)
+    # The separation term still lands on the background between glands.
+    label2 = np.zeros((40, 60), np.int32)
+    label2[10:30, 10:28] = 1
+    label2[10:30, 31:50] = 2
+    full = unet_weight_map(label2, classes=targets.class_map(label2, "contour", 2))
+    balance = class_weight_map(label2, True, targets.class_map(label2, "contour", 2))
+    assert (full[15, 28:31] > balance[15, 28:31] + 1).all()
+
+
+def fake_contour_probabilities(label, boundary_width=3):
+    """What a perfect contour model outputs: one-hot of the 3-class target."""
+    classes = targets.class_map(label, "contour", boundary_width)
+    return np.eye(3, dtype=np.float32)[classes]
+
+
+def test_watershed_splits_touching_glands_that_components_merge():
+    label = two_touching_squares()
+    prob = fake_contour_probabilities(label)
+    merged = probability_to_instances(1 - prob[..., 0], min_size=0)
+    assert merged.max() == 1
+    split = contour_to_instances(prob, min_size=0, min_marker_size=5)
+    assert split.max() == 2
+    # Each predicted object is one gland, boundary band included (up to the touching line).
+    for k in (1, 2):
+        ids = np.unique(split[label == k])
+        assert len(ids) == 1 and ids[0] > 0
+        assert (split == ids[0]).sum() == (label == k).sum()
+
+
+def test_watershed_on_synthetic_crowded_glands_recovers_touching_pairs():
+    ex = make_synthetic_glands(2, height=260, width=390, seed=3, touch_prob=0.9)
+    from scipy import ndimage
+
+    for e in ex:
+        merged_count = ndimage.label(e.label > 0, structure=np.ones((3, 3)))[1]
+        n = int(e.label.max())
+        assert merged_count < n  # the generator did make touching glands
+        pred = contour_to_instances(fake_contour_probabilities(e.label), min_size=0, min_marker_size=5)
+        assert pred.max() > merged_count
+        assert abs(int(pred.max()) - n) <= max(1, n // 10)
+
+
+def test_orphan_mask_regions_without_a_seed_are_kept():
+    prob = np.zeros((30, 30, 3), np.float32)
+    prob[..., 0] = 1
+    prob[5:15, 5:15] = [0, 0.2, 0.8]  # gland mask, but interior never above the seed threshold
+    out = contour_to_instances(prob, min_size=0)
+    assert out.max() == 1 and (out > 0).sum() == 100
+
+
+def test_tuning_searches_the_seed_threshold_for_contour_maps():
+    label = two_touching_squares()
+    prob = fake_contour_probabilities(label)
+    best, rows = tune_postprocess([prob], [label], [0.5], [0, 50], marker_thresholds=[0.5, 0.9],
+                                  min_marker_size=5)
+    assert {"marker_threshold", "min_marker_size"} <= set(best)
+    assert len(rows) == 4 and max(r["f1"] for r in rows) == 1.0
+    assert contour_to_instances(prob, **best).max() == 2
+
+
+def test_rescale_keeps_ids_and_probabilities_return_to_the_original_size():
+    e = make_synthetic_glands(1, height=120, width=180, seed=0)[0]
+    small = resample.rescale_examples([e], 0.5)[0]
+    assert small.image.shape == (60, 90, 3) and small.image.dtype == np.uint8
+    assert small.label.shape == (60, 90)
+    assert set(np.unique(small.label)) <= set(np.unique(e.label))
+    prob = np.random.default_rng(0).dirichlet([1, 1, 1], size=(60, 90)).astype(np.float32)
+    back = resample.resize_probabilities(prob, (120, 180))
+    assert back.shape == (120, 180, 3)
+    np.testing.assert_allclose(back.sum(-1), 1.0, rtol=1e-5)
+    assert resample.rescale_examples([e], 1.0)[0] is e
+    with pytest.raises(ValueError, match="data.scale"):
+        resample.rescale_image(e.image, 0.0)
