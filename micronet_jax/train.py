@@ -509,7 +509,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
         process_count=jax.process_count(), crop_size=int(config.data.crop_size),
     )
     data_iter = iter(dataset)
-    manager = writer = bar = None
+    manager = None
     try:
         state = _restore_or_init(trainer, ckpt_dir, data_iter, workdir)
         manager = checkpointing.make_manager(ckpt_dir, keep=int(config.train.keep_checkpoints))
