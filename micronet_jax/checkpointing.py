@@ -17,11 +17,14 @@ import contextlib
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ITEMS = ("params", "opt", "data_iter", "config")
 # Recorded with every save; checkpoints without a validation result at that step carry -1 so that
@@ -92,32 +95,51 @@ def save(
 
 
 def restore_training(
-    manager: ocp.CheckpointManager,
+    directory: str,
     step: int,
     *,
     abstract_variables: Any,
     abstract_opt: Any,
     data_iter: Any,
 ) -> tuple[Any, Any]:
-    """Restores weights, optimizer state and (in place) the data iterator, laid out as the targets."""
+    """Restores one step's weights, optimizer state and (in place) data iterator, laid out as the targets.
+
+    Reads the step's items directly rather than through a manager: a manager cannot even be opened
+    while another step folder of the same directory is damaged (it reads every step's metrics).
+    """
     from micronet_jax.data.pipeline import checkpoint_restore_arg
 
-    items = dict(
-        params=ocp.args.StandardRestore(abstract_variables),
-        opt=ocp.args.StandardRestore(abstract_opt),
-    )
-    foreign_state = None
+    step_dir = os.path.join(directory, str(step))
+    variables = _restore_item(step_dir, "params", ocp.args.StandardRestore(abstract_variables))
+    opt = _restore_item(step_dir, "opt", ocp.args.StandardRestore(abstract_opt))
     if data_iter is not None:
-        foreign_state = _iterator_state_from_other_layout(manager, step)
+        # Last, so a step whose arrays are damaged never moves the iterator.
+        foreign_state = _iterator_state_from_other_layout(step_dir)
         if foreign_state is None:
-            items["data_iter"] = checkpoint_restore_arg(data_iter)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    if foreign_state is not None:
-        data_iter.set_state(foreign_state)
-    return restored["params"], restored["opt"]
+            _restore_item(step_dir, "data_iter", checkpoint_restore_arg(data_iter))
+        else:
+            data_iter.set_state(foreign_state)
+    return variables, opt
 
 
-def _iterator_state_from_other_layout(manager: ocp.CheckpointManager, step: int) -> Any | None:
+def _restore_item(step_dir: str, item: str, args: Any) -> Any:
+    """One item of one step folder, with the handler that matches ``args``."""
+    if isinstance(args, ocp.args.StandardRestore):
+        handler = ocp.StandardCheckpointHandler()
+    elif isinstance(args, ocp.args.JsonRestore):
+        handler = ocp.JsonCheckpointHandler()
+    else:  # The grain iterator's CheckpointRestore: grain's own handler reads it.
+        from grain.checkpoint import CheckpointHandler
+
+        handler = CheckpointHandler()
+    checkpointer = ocp.Checkpointer(handler)
+    try:
+        return checkpointer.restore(os.path.join(step_dir, item), args=args)
+    finally:
+        checkpointer.close()
+
+
+def _iterator_state_from_other_layout(step_dir: str) -> Any | None:
     """The data-iterator state of a checkpoint written by a different number of processes, else None.
 
     grain saves one ``process_<p>-of-<P>.json`` per host and its handler only reads the file of the
@@ -126,7 +148,7 @@ def _iterator_state_from_other_layout(manager: ocp.CheckpointManager, step: int)
     host's slice of each batch comes from the dataset's definition, not the state (pipeline
     docstring). Any saved process's file therefore positions this process's iterator correctly.
     """
-    directory = os.path.join(str(manager.directory), str(step), "data_iter")
+    directory = os.path.join(step_dir, "data_iter")
     if not os.path.isdir(directory):
         return None
     own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -137,55 +159,120 @@ def _iterator_state_from_other_layout(manager: ocp.CheckpointManager, step: int)
         return json.load(f)
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint step folder whose files cannot be read (a disk or filesystem fault, not a crash of
+    the run: a run killed mid-save leaves the previous checkpoint intact, see the module docstring)."""
+
+
+# Damaged step folders of a resumed run are moved here (inside the workdir), never deleted: they stay
+# for a person to inspect, and out of the way of orbax, which would otherwise refuse to open the
+# checkpoints folder or to save that step again.
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+def step_folders(directory: str) -> list[int]:
+    """The committed step folders of a checkpoints directory, newest first (tmp folders excluded)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True)
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: first line`` of an error, short enough for a one-line warning."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+def restore_newest_readable(directory: str, restore: Callable[[int], T]) -> tuple[int | None, T | None, list[tuple[int, str]]]:
+    """Restores the newest step of ``directory`` that can be read.
+
+    Returns ``(step, restore(step), damaged)`` where ``damaged`` lists ``(step, why)`` for the newer
+    folders that failed; ``(None, None, [])`` when there is no checkpoint. A folder only counts as
+    damaged once an older one has restored with the same targets, so a run whose config does not
+    match its checkpoints fails on every step and raises, naming them, without touching any.
+    """
+    failures: list[tuple[int, str]] = []
+    for step in step_folders(directory):
+        try:
+            return step, restore(step), failures
+        except Exception as e:  # noqa: BLE001 - any read failure; the error is named in the message.
+            failures.append((step, describe_error(e)))
+    if not failures:
+        return None, None, []
+    raise DamagedCheckpointError(
+        f"no checkpoint in {directory} can be read: "
+        + "; ".join(f"{os.path.join(directory, str(s))} ({why})" for s, why in failures)
+        + ". Nothing was changed. Move the damaged folders away to train from scratch in this workdir."
+    )
+
+
+def set_aside(directory: str, step: int) -> str:
+    """Moves a damaged step folder to ``<workdir>/damaged_checkpoints/<step>`` and returns where."""
+    target_root = os.path.join(os.path.dirname(os.path.abspath(directory)), DAMAGED_DIR)
+    os.makedirs(target_root, exist_ok=True)
+    target, n = os.path.join(target_root, str(step)), 1
+    while os.path.exists(target):
+        target, n = os.path.join(target_root, f"{step}.{n}"), n + 1
+    os.replace(os.path.join(directory, str(step)), target)
+    return target
+
+
 def resolve(path: str) -> tuple[str, int]:
-    """Turns a workdir, its ``checkpoints`` folder or one step folder into (manager dir, step).
+    """Turns a workdir, its ``checkpoints`` folder or one step folder into (checkpoints dir, step).
 
     A workdir resolves to its best validated step, or else its latest one.
+    """
+    directory, steps, _ = candidates(path)
+    return directory, steps[0]
+
+
+def candidates(path: str) -> tuple[str, list[int], bool]:
+    """(checkpoints dir, steps in order of preference, whether one step folder was named).
+
+    For a workdir or checkpoints folder: the best validated step (else the latest) first, then the
+    others newest first, the fallbacks when the first cannot be read.
     """
     path = os.path.abspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
-    candidates = [os.path.join(path, "checkpoints"), path]
-    for directory in candidates:
-        if os.path.isdir(directory) and _step_dirs(directory):
-            manager = make_manager(directory, read_only=True)
-            try:
-                step = manager.best_step()
-                metrics = _metrics_of(manager, step)
-                if step is None or metrics is None or metrics.get(BEST_METRIC, -1.0) < 0:
-                    step = manager.latest_step()
-            finally:
-                manager.close()
-            return directory, int(step)
+    for directory in (os.path.join(path, "checkpoints"), path):
+        steps = step_folders(directory)
+        if steps:
+            scores = {s: _val_f1(directory, s) for s in steps}
+            validated = [s for s in steps if scores[s] is not None and scores[s] >= 0]
+            if validated:  # BestN's choice: the highest F1, among equal ones the latest step.
+                first = max(validated, key=lambda s: (scores[s], s))
+                steps = [first] + [s for s in steps if s != first]
+            return directory, steps, False
     base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-        return os.path.dirname(path), int(base)
+    if base.isdigit() and os.path.isdir(path):
+        return os.path.dirname(path), [int(base)], True
     raise FileNotFoundError(
         f"no checkpoint found in {path}: expected a workdir with checkpoints/, a checkpoints folder, "
         "or one step folder (checkpoints/<step>)"
     )
 
 
-def _step_dirs(directory: str) -> list[str]:
-    return [d for d in os.listdir(directory) if d.isdigit()]
-
-
-def _metrics_of(manager: ocp.CheckpointManager, step: int | None) -> dict[str, float] | None:
-    if step is None:
+def _val_f1(directory: str, step: int) -> float | None:
+    """The validation F1 recorded with a step (-1 when it was not validated); None when unreadable."""
+    try:
+        metrics = _read_metrics(directory, step)
+    except Exception:  # noqa: BLE001 - a damaged folder; restore_variables names it if it is tried.
         return None
-    for info in manager._checkpoints:  # noqa: SLF001 - orbax exposes metrics only through this list.
-        if info.step == step:
-            return info.metrics
-    return None
+    return float(metrics.get(BEST_METRIC, -1.0)) if isinstance(metrics, dict) else None
+
+
+def _read_metrics(directory: str, step: int) -> dict[str, Any]:
+    checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler(filename="metrics"))
+    try:
+        return checkpointer.restore(os.path.join(directory, str(step), "metrics"))
+    finally:
+        checkpointer.close()
 
 
 def read_config(directory: str, step: int) -> dict[str, Any]:
     """The config a checkpoint was trained with."""
-    manager = make_manager(directory, read_only=True)
-    try:
-        return dict(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-    finally:
-        manager.close()
+    return dict(_restore_item(os.path.join(directory, str(step)), "config", ocp.args.JsonRestore()))
 
 
 def check_model_config(saved: dict[str, Any], model_config: ml_collections.ConfigDict) -> None:
@@ -213,20 +300,42 @@ def check_model_config(saved: dict[str, Any], model_config: ml_collections.Confi
 def restore_variables(
     path: str, model_config: ml_collections.ConfigDict, abstract_variables: Any
 ) -> tuple[Any, int]:
-    """Weights (and BatchNorm statistics) for inference from a workdir or step folder."""
-    directory, step = resolve(path)
-    check_model_config(read_config(directory, step), model_config)
-    manager = make_manager(directory, read_only=True)
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_on_default_device(abstract_variables))
-            ),
+    """Weights (and BatchNorm statistics) for inference from a workdir or step folder.
+
+    A workdir whose preferred checkpoint is damaged falls back to the newest readable one, with a
+    warning naming the damaged folder; a step folder named explicitly is used or refused, never
+    swapped for another.
+    """
+    directory, steps, explicit = candidates(path)
+    target = _on_default_device(abstract_variables)
+    damaged: list[tuple[int, str]] = []
+    for step in steps:
+        step_dir = os.path.join(directory, str(step))
+        try:
+            saved = read_config(directory, step)
+        except Exception as e:  # noqa: BLE001 - any read failure is reported with its folder.
+            damaged.append((step, describe_error(e)))
+            continue
+        check_model_config(saved, model_config)  # A mismatch is the user's to fix, not a fallback.
+        try:
+            variables = _restore_item(step_dir, "params", ocp.args.StandardRestore(target))
+        except Exception as e:  # noqa: BLE001
+            damaged.append((step, describe_error(e)))
+            continue
+        for s, why in damaged:
+            logger.warning("checkpoint folder %s cannot be read (%s); using step %d instead",
+                           os.path.join(directory, str(s)), why, step)
+        return variables, step
+    if explicit:
+        raise DamagedCheckpointError(
+            f"checkpoint folder {os.path.join(directory, str(steps[0]))} cannot be read "
+            f"({damaged[0][1]}): its files are damaged. Pass the workdir (--checkpoint WORKDIR) to "
+            "use its newest readable checkpoint, or another step folder."
         )
-    finally:
-        manager.close()
-    return restored["params"], step
+    raise DamagedCheckpointError(
+        f"no checkpoint in {directory} can be read: "
+        + "; ".join(f"{os.path.join(directory, str(s))} ({why})" for s, why in damaged)
+    )
 
 
 def _on_default_device(abstract: Any) -> Any:

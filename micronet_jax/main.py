@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from micronet_jax.workdir import WorkdirInUseError
+
 # Errors that mean "the input or the config is wrong" (or training diverged, with the last good
-# checkpoint kept): shown as one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+# checkpoint kept, or the workdir is taken): shown as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, WorkdirInUseError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -123,7 +126,12 @@ def _run_mode(config, platform: str | None) -> None:
             raise app.UsageError("--workdir is required for --mode=train")
         from micronet_jax import train
 
-        train.train_and_evaluate(config, _WORKDIR.value)
+        result = train.train_and_evaluate(config, _WORKDIR.value)
+        if result["stopped_by"] in ("SIGTERM", "SIGINT"):
+            print(f"stopped by {result['stopped_by']} at step {result['step']}; rerun the same command "
+                  "to resume", file=sys.stderr)
+            # The exit status of a process killed by that signal, which schedulers already expect.
+            sys.exit(128 + signal.Signals[result["stopped_by"]].value)
         return
 
     from micronet_jax import evaluate

@@ -11,6 +11,7 @@ pod slice: under ``jit`` the result does not depend on the mesh size (jax_notes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -29,7 +30,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from micronet_jax import checkpointing, losses
+from micronet_jax import checkpointing, losses, preemption
+from micronet_jax import workdir as workdir_lib
 from micronet_jax.evaluate import format_hausdorff, json_scalar
 from micronet_jax.models import MicroNet, build_model
 
@@ -392,16 +394,105 @@ class NonFiniteLossError(FloatingPointError):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds checkpoints), validates, and writes reports.
 
-    Returns the final validation summary (GlaS metrics), the last step, and whether the run
-    finished (False when ``train.time_limit_seconds`` stopped it early, with a checkpoint).
+    Returns the final validation summary (GlaS metrics), the last step, whether the run finished,
+    and what stopped it early (``stopped_by``: ``"time limit"`` for ``train.time_limit_seconds``,
+    ``"SIGTERM"`` / ``"SIGINT"`` for a signal; None when it finished). An early stop always leaves a
+    checkpoint of the step it stopped at, so rerunning the same command resumes there.
+
+    Before anything in the workdir changes, the run takes the workdir's lock (one run per workdir,
+    process 0 in multi-host runs) and, when resuming, compares the saved config with ``config``
+    (:func:`micronet_jax.workdir.resume_changes`): a changed model or optimizer is refused.
     """
+    maybe_initialize_distributed(config)
+    workdir = workdir_lib.check_path(workdir)
+    with contextlib.ExitStack() as guards:
+        _lock_workdir(workdir, guards)
+        stop = guards.enter_context(preemption.StopRequest())
+        return _train(config, workdir, stop)
+
+
+def _lock_workdir(workdir: str, guards: contextlib.ExitStack) -> None:
+    """Process 0 takes the lock; the others learn whether it could (one collective at start-up), so a
+    refused multi-host run stops on every process instead of waiting for process 0 forever."""
+    error: Exception | None = None
+    if jax.process_index() == 0:
+        try:
+            guards.enter_context(workdir_lib.WorkdirLock(workdir))
+        except workdir_lib.WorkdirInUseError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not locked and error is None:
+            error = workdir_lib.WorkdirInUseError(f"workdir {workdir} is in use by another run "
+                                                  "(see the message of process 0)")
+    if error is not None:
+        raise error
+
+
+def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, ckpt_dir: str) -> None:
+    """Refuses a resume whose model or optimizer differs from the saved run; logs other changes."""
+    saved = None
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        for step in checkpointing.step_folders(ckpt_dir):  # config.json lost: ask the checkpoints.
+            try:
+                saved = checkpointing.read_config(ckpt_dir, step)
+                break
+            except Exception:  # noqa: BLE001 - damaged; the restore below names it.
+                continue
+    if saved is None:
+        logger.warning("no readable saved config in %s: resuming without comparing configs", workdir)
+        return
+    refused, allowed = workdir_lib.resume_changes(saved, json.loads(config.to_json_best_effort()))
+    if refused:
+        raise ValueError(
+            f"cannot resume {workdir}: it was trained with a different model or optimizer ("
+            + "; ".join(refused)
+            + f"). Resume with the saved values (they are in {os.path.join(workdir, 'config.json')}) "
+            "or train into a new --workdir. The checkpoints were not touched."
+        )
+    if allowed:
+        logger.info("resuming %s with changed config keys: %s", workdir, "; ".join(allowed))
+
+
+def _restore_or_init(trainer: Trainer, ckpt_dir: str, data_iter: Any, workdir: str) -> TrainState:
+    """The newest readable checkpoint's state (damaged newer folders are moved aside), else a fresh one."""
+    variables_t, opt_t = trainer.abstract_targets()
+
+    def restore(step: int):
+        return checkpointing.restore_training(
+            ckpt_dir, step, abstract_variables=variables_t, abstract_opt=opt_t, data_iter=data_iter
+        )
+
+    step, restored, damaged = checkpointing.restore_newest_readable(ckpt_dir, restore)
+    for bad, why in damaged:
+        # Out of orbax's way (it would refuse to open the folder or to save that step again), kept.
+        where = checkpointing.set_aside(ckpt_dir, bad) if jax.process_index() == 0 else "(process 0)"
+        logger.warning("checkpoint folder %s cannot be read (%s): moved it to %s (nothing is deleted) "
+                       "and resumed from step %d instead", os.path.join(ckpt_dir, str(bad)), why,
+                       where, step)
+    if damaged and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("damaged checkpoints set aside")
+    if step is None:
+        return trainer.initial_state()
+    logger.info("resumed from step %d in %s", step, workdir)
+    return trainer.state_from_items(*restored)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.StopRequest) -> dict[str, Any]:
     from micronet_jax.data import load_split
     from micronet_jax.data.pipeline import TrainSource, make_train_dataset
 
-    maybe_initialize_distributed(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if checkpointing.step_folders(ckpt_dir):
+        _check_resume_config(config, workdir, ckpt_dir)
     trainer = Trainer(config)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -424,22 +515,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process_count=jax.process_count(), crop_size=int(config.data.crop_size),
     )
     data_iter = iter(dataset)
+    manager = None
+    try:
+        state = _restore_or_init(trainer, ckpt_dir, data_iter, workdir)
+        manager = checkpointing.make_manager(ckpt_dir, keep=int(config.train.keep_checkpoints))
+        return _loop(config, workdir, trainer, state, data_iter, val_examples, manager, stop)
+    finally:
+        if manager is not None:
+            # Orbax's writer threads end here, before any error reaches the user as one line.
+            manager.wait_until_finished()
+            manager.close()
+        close = getattr(data_iter, "close", None)
+        if close is not None:  # Stops grain's worker processes and prefetch threads.
+            close()
 
-    manager = checkpointing.make_manager(
-        os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints)
-    )
-    latest = manager.latest_step()
-    if latest is not None:
-        variables_t, opt_t = trainer.abstract_targets()
-        variables, opt = checkpointing.restore_training(
-            manager, latest, abstract_variables=variables_t, abstract_opt=opt_t, data_iter=data_iter
-        )
-        state = trainer.state_from_items(variables, opt)
-        logger.info("resumed from step %d in %s", latest, workdir)
-    else:
-        state = trainer.initial_state()
+
+def _loop(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    trainer: Trainer,
+    state: TrainState,
+    data_iter: Any,
+    val_examples: list[Any],
+    manager: Any,
+    stop: preemption.StopRequest,
+) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
     start_step = int(state.step)
-
     writer = MetricWriter(workdir, resume_step=start_step)
     val_f1: float | None = None
     validated_at = -1
@@ -486,8 +588,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             data_iter=data_iter, config=config, val_f1=val_f1 if validated_at == step else None,
         )
 
+    def stop_here(done: int, reason: str) -> None:
+        """An early stop: the step just taken is checked and checkpointed before the loop ends."""
+        check(pending)
+        if manager.latest_step() != done:
+            save(done)
+        manager.wait_until_finished()
+        if reason == "time limit":
+            logger.info("time limit of %.0f s reached at step %d of %d: checkpoint saved; run the "
+                        "same command again to resume", time_limit, done, trainer.total_steps)
+        else:
+            logger.info("%s: checkpoint of step %d of %d saved", reason, done, trainer.total_steps)
+
     time_limit = config.train.time_limit_seconds
-    loop_start, stopped_early = time.perf_counter(), False
+    loop_start, stopped_by = time.perf_counter(), None
     try:
         for step in range(start_step, trainer.total_steps):
             # While step N-1 still runs on the device, the host takes the next batch from grain's
@@ -516,21 +630,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 val_f1, validated_at = last_summary["f1"], done
             if save_now and not (done == trainer.total_steps and val_examples):
                 save(done)
-            if time_limit and time.perf_counter() - loop_start > time_limit and done < trainer.total_steps:
-                check(pending)
-                if manager.latest_step() != done:
-                    save(done)
-                stopped_early = True
-                logger.info("time limit of %.0f s reached at step %d of %d: checkpoint saved; run the "
-                            "same command again to resume", time_limit, done, trainer.total_steps)
-                break
+            # Asked every step: in multi-process runs it is JAX's preemption sync point.
+            signalled = stop.should_stop(done)
+            if done < trainer.total_steps:
+                if signalled:
+                    stopped_by = stop.name
+                elif time_limit and time.perf_counter() - loop_start > time_limit:
+                    stopped_by = "time limit"
+                if stopped_by:
+                    stop_here(done, stopped_by)
+                    break
         if pending is not None:
             report(pending, force=True)
         bar.close()
         end_step = int(state.step)
-        if stopped_early:
-            manager.wait_until_finished()
-            return {"summary": last_summary, "step": end_step, "finished": False}
+        if stopped_by is None and stop.signum is not None and val_examples and validated_at != end_step:
+            # Signalled during the last step: keep it, and leave the final validation to the rerun
+            # (a finished run's rerun re-validates), which may take minutes on whole images.
+            stopped_by = stop.name
+            stop_here(end_step, stopped_by)
+        if stopped_by:
+            return {"summary": last_summary, "step": end_step, "finished": False,
+                    "stopped_by": stopped_by}
         if val_examples and validated_at != end_step:
             last_summary = _validate(trainer, state, val_examples, config, writer, end_step, workdir,
                                      final=True)
@@ -542,10 +663,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             _write_training_plot(workdir)
     finally:
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
         writer.close()
-    return {"summary": last_summary, "step": int(state.step), "finished": True}
+    return {"summary": last_summary, "step": int(state.step), "finished": True, "stopped_by": None}
 
 
 def _validation_examples(config: ml_collections.ConfigDict) -> list[Any]:

@@ -17,6 +17,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,30 @@ def run_main(*args: str, env: dict | None = None, timeout: float = 600, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+TINY = ["--config", "configs/default.py:tiny"]
+
+
+def restored_params(workdir, config):
+    """The parameters ``--mode=evaluate`` would use from a workdir or step folder, and their step."""
+    import jax
+
+    from micronet_jax import checkpointing
+    from micronet_jax.models import build_model
+    from micronet_jax.models.summary import abstract_variables
+
+    variables, step = checkpointing.restore_variables(
+        str(workdir), config.model, abstract_variables(build_model(config.model))
+    )
+    return jax.device_get(variables["params"]), step
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """Six tiny steps straight through the real command line: the reference that every resumed,
+    stopped or repaired run must equal bitwise. Keeps the checkpoints of steps 2, 4 and 6."""
+    workdir = tmp_path_factory.mktemp("straight")
+    run_main(*TINY, f"--workdir={workdir}", "--config.train.max_steps=6",
+             "--config.train.keep_checkpoints=3")
+    return workdir

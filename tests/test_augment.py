@@ -124,6 +124,12 @@ def test_augment_is_deterministic_and_photometric_ops_touch_image_only():
     out3 = A.augment_example(image, label, weight, geo_only, np.random.default_rng(5))
     np.testing.assert_array_equal(out1[1], out3[1])  # same geometry draws come first
     np.testing.assert_array_equal(out1[2], out3[2])
+    # Each photometric op, alone on top of the same geometry, changes the image (and only it).
+    for only in (dict(blur_prob=1.0, blur_sigma_min=0.5, blur_sigma_max=1.5), dict(stain_jitter=0.1)):
+        one = A.augment_example(image, label, weight, dict(geo_only, **only), np.random.default_rng(5))
+        assert np.abs(one[0].astype(int) - out3[0]).mean() > 0.5, only
+        np.testing.assert_array_equal(one[1], out3[1])
+        np.testing.assert_array_equal(one[2], out3[2])
     off = A.augment_example(image, label, weight, dict(enabled=False), np.random.default_rng(0))
     np.testing.assert_array_equal(off[0], image)
 

@@ -9,21 +9,17 @@ import pytest
 from conftest import load_config, run_main
 from PIL import Image
 
-from micronet_jax import evaluate, train
-from micronet_jax.data import make_synthetic_glands
+from micronet_jax import evaluate, metrics
+from micronet_jax.data import load_split, make_synthetic_glands
 from micronet_jax.data.synthetic import write_glas_layout
 
 TINY = ["--config", "configs/default.py:tiny"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny model trained for two steps, in-process (the trainer is importable without flags)."""
-    workdir = tmp_path_factory.mktemp("trained")
-    config = load_config("default", "tiny")
-    config.train.max_steps = 2
-    train.train_and_evaluate(config, str(workdir))
-    return workdir
+def trained(uninterrupted):
+    """The session's six-step tiny run (conftest.py), trained through the command line."""
+    return uninterrupted
 
 
 def test_evaluate_writes_reports_beside_the_paper(trained, tmp_path):
@@ -32,14 +28,34 @@ def test_evaluate_writes_reports_beside_the_paper(trained, tmp_path):
              "--config.eval.split=testA")
     report = json.load(open(out / "report.json"))
     assert report["split"] == "testA" and report["aggregation"] == "pooled"
-    assert report["step"] == 2
-    for key in ("f1", "object_dice", "object_hausdorff", "tp", "fp", "fn", "pixel_dice"):
-        assert key in report["metrics"]
+    assert report["step"] == 6
+    m = report["metrics"]
     rows = list(csv.DictReader(open(out / "per_image.csv")))
     assert len(rows) == 1 and {"name", "f1", "tp", "fp", "fn"} <= set(rows[0])
+    # The pooled counts are the per-image counts summed, and F1 is made from them.
+    for key in ("tp", "fp", "fn"):
+        assert m[key] == sum(int(r[key]) for r in rows)
+    assert m["f1"] == pytest.approx(2 * m["tp"] / (2 * m["tp"] + m["fp"] + m["fn"]))
     table = open(out / "report.md").read()
     assert "paper, testA | 0.913" in table and "paper, testB | 0.724" in table
+    assert f"TP {m['tp']}, FP {m['fp']}, FN {m['fn']}" in table
     assert os.listdir(out / "overlays")
+
+    # The same images through --mode=predict: the metric of its written labels is the report's.
+    config = load_config("default", "tiny")
+    examples = load_split(config.data, "testA")
+    images = tmp_path / "images"
+    images.mkdir()
+    for ex in examples:
+        Image.fromarray(ex.image).save(images / f"{ex.name}.png")
+    run_main(*TINY, "--mode=predict", f"--checkpoint={trained}", f"--input={images}",
+             f"--output={tmp_path / 'pred'}")
+    labels = [np.asarray(Image.open(tmp_path / "pred" / "labels" / f"{ex.name}.png")) for ex in examples]
+    again = metrics.glas_metrics(labels, [ex.label for ex in examples])
+    for key in ("tp", "fp", "fn"):
+        assert again[key] == m[key], key
+    for key in ("f1", "object_dice", "object_hausdorff"):
+        assert evaluate.json_scalar(again[key]) == pytest.approx(m[key], rel=1e-9), key
 
 
 def test_evaluate_on_official_bmp_layout(trained, tmp_path):
@@ -100,3 +116,52 @@ def test_tune_on_validation_and_refuse_test_splits(trained, tmp_path):
     refused = run_main(*TINY, "--mode=tune", f"--checkpoint={trained}",
                        "--config.eval.split=testA", check=False)
     assert refused.returncode == 2 and "validation split only" in refused.stderr
+
+
+def test_summary_mode_end_to_end():
+    """--mode=summary prints the layer table and the parameter count of the real model, with no
+    weights allocated and no traceback."""
+    import jax
+
+    from micronet_jax.models import build_model
+    from micronet_jax.models.summary import abstract_variables
+
+    proc = run_main(*TINY, "--mode=summary")
+    assert "Traceback" not in proc.stderr
+    config = load_config("default", "tiny")
+    count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(abstract_variables(build_model(config.model))))
+    assert f"total parameters: {count:,}\n" in proc.stdout
+    for layer in ("B1", "B5", "B10", "main_head/conv"):
+        assert layer in proc.stdout
+    wide = run_main(*TINY, "--mode=summary", "--config.model.width=0.03125")
+    wide_count = int(wide.stdout.split("total parameters: ")[1].split("\n")[0].replace(",", ""))
+    assert wide_count > 3 * count  # Double width: about four times the weights.
+
+
+def test_tta_with_the_real_model_is_the_mean_over_the_eight_transforms(trained):
+    """On an image that fits one tile, eval.tta must equal the average of the model's probabilities
+    over the 8 flips/rotations of the tile, each mapped back, and differ from the plain prediction
+    (the trained model is not equivariant, so TTA has an effect to check)."""
+    import jax
+
+    from micronet_jax import infer
+    from micronet_jax.data import augment
+
+    config = load_config("default", "tiny")
+    model, variables, _ = evaluate.load_for_inference(config, str(trained))
+    forward = evaluate.make_forward_fn(model, variables)
+    margin = int(config.eval.margin)
+    image = make_synthetic_glands(1, 508 - 2 * margin, 508 - 2 * margin, seed=3)[0].image
+    config.eval.tta = True
+    with_tta = evaluate.predict_probabilities(forward, image, config.eval, model.variant)
+    config.eval.tta = False
+    plain = evaluate.predict_probabilities(forward, image, config.eval, model.variant)
+
+    tile = np.pad(augment.standardize(image), ((margin, margin), (margin, margin), (0, 0)),
+                  mode="reflect")[None].astype(np.float32)
+    by_hand = np.mean([
+        infer.dihedral_inverse(np.asarray(jax.nn.softmax(forward(infer.dihedral(tile, k)), -1)), k)[0]
+        for k in range(8)
+    ], axis=0)[margin:-margin, margin:-margin]
+    np.testing.assert_allclose(with_tta, by_hand, atol=1e-5)
+    assert np.abs(with_tta - plain).max() > 1e-3

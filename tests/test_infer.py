@@ -105,12 +105,42 @@ def test_smaller_than_tile_default_geometry() -> None:
     chex.assert_trees_all_close(got, conv_reference(img, 64), atol=1e-5)
 
 
-def test_blend_conv_close_and_normalised() -> None:
+def test_blend_of_exact_tiles_is_exact() -> None:
+    """A per-pixel function is exact on every tile, so any weighted average of tiles must be too."""
     img = smooth_image(100, 90)
-    got = tiled_predict(conv_fn, img, tile=48, margin=8, stitch="blend", tile_batch=4)
-    chex.assert_trees_all_close(got.sum(-1), np.ones(got.shape[:2], np.float32), atol=1e-5)
-    # Only the tile-edge pixels (zero-padded conv) differ, and they carry a small weight.
-    assert np.abs(got - conv_reference(img, 8)).mean() < 1e-2
+    got = tiled_predict(pointwise_fn, img, tile=48, margin=8, stitch="blend", tile_batch=4)
+    chex.assert_trees_all_close(got, softmax(pointwise_fn(img[None]))[0], atol=1e-6)
+
+
+def test_blend_weights_each_tile_by_the_window() -> None:
+    """Tiles that disagree (each predicts its own constant) are averaged with the 2-D raised-cosine
+    window, normalised per pixel: the result equals that average computed by hand."""
+    from micronet_jax.infer import _pad_amounts
+
+    h, w, tile, margin = 100, 90, 48, 8
+    img = smooth_image(h, w)
+
+    def per_tile_constant(batch: np.ndarray) -> np.ndarray:
+        c = batch.mean(axis=(1, 2, 3))  # One value per tile (its mean input).
+        return np.stack([np.broadcast_to(c[:, None, None], batch.shape[:3]),
+                         np.zeros(batch.shape[:3])], -1).astype(np.float32)
+
+    got = tiled_predict(per_tile_constant, img, tile=tile, margin=margin, stitch="blend", tile_batch=3)
+    (top, bottom), (left, right) = _pad_amounts(h, tile, margin), _pad_amounts(w, tile, margin)
+    padded = np.pad(img, ((top, bottom), (left, right), (0, 0)), mode="reflect")
+    win1 = blend_window(tile, margin).astype(np.float64)
+    num = np.zeros(padded.shape[:2] + (2,))
+    den = np.zeros(padded.shape[:2] + (1,))
+    for y in tile_positions(padded.shape[0], tile, margin):
+        for x in tile_positions(padded.shape[1], tile, margin):
+            c = padded[y:y + tile, x:x + tile].mean()
+            p = softmax(np.array([c, 0.0]))
+            wt = (win1[:, None] * win1[None, :])[..., None]
+            num[y:y + tile, x:x + tile] += wt * p
+            den[y:y + tile, x:x + tile] += wt
+    want = (num / den)[top:top + h, left:left + w]
+    assert np.ptp(want[..., 0]) > 1e-3  # The tiles really disagree, so the weights matter.
+    chex.assert_trees_all_close(got, want.astype(np.float32), atol=1e-5)
 
 
 def test_blend_window_positive_and_symmetric() -> None:
