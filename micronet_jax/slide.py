@@ -287,10 +287,11 @@ def tissue_mask(thumb: np.ndarray, min_saturation: float = 0.05, dilate: int = 2
     or keep its glass. A small dilation keeps the pale edges of tissue and lumina at the boundary.
     """
     from scipy import ndimage
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
-    sat = rgb2hsv(np.asarray(thumb, np.uint8))[..., 1]
+    rgb = np.asarray(thumb, np.uint8)
+    hi, lo = rgb.max(axis=-1).astype(np.float32), rgb.min(axis=-1).astype(np.float32)
+    sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1), 0.0)  # HSV saturation, as skimage's rgb2hsv
     t = float(threshold_otsu(sat)) if np.ptp(sat) > 0 else 1.0
     mask = sat > max(t, float(min_saturation))
     mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
