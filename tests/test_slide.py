@@ -218,14 +218,23 @@ def test_bad_slides_are_one_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A randomly initialised tiny model saved as a checkpoint (the CLI restores from one)."""
-    from micronet_jax import train
+    """A randomly initialised tiny model saved as a step-0 checkpoint (the CLI restores from one);
+    no training step is compiled, which keeps the test cheap."""
+    import jax
+
+    from micronet_jax import checkpointing
+    from micronet_jax.models import build_model
 
     workdir = tmp_path_factory.mktemp("ckpt")
     config = load_config("default", "tiny")
-    config.train.max_steps = 1
-    config.train.eval_every = 0
-    train.train_and_evaluate(config, str(workdir))
+    model = build_model(config.model)
+    variables = jax.jit(lambda k: model.init(k, np.zeros((1, 508, 508, 3), np.float32), train=False))(
+        jax.random.PRNGKey(0))
+    manager = checkpointing.make_manager(str(workdir))
+    checkpointing.save(manager, 0, variables=variables, opt={"unused": np.zeros(1)}, data_iter=None,
+                       config=config, val_f1=None)
+    manager.wait_until_finished()
+    manager.close()
     return workdir
 
 
