@@ -132,6 +132,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.min_marker_size = 30
     c.eval.max_images = config_dict.placeholder(int)  # Evaluate only the first N images (smoke runs).
     c.eval.num_overlays = 4  # Overlay PNGs written per evaluation.
+    # Whole-slide prediction (--mode=predict on SVS/TIFF/OME-TIFF; micronet_jax/wsi.py). Ordinary
+    # images are used at their own resolution; slides are brought to the model's.
+    c.eval.mpp = 0.62  # Model resolution, um/px: GlaS is ~0.62 um/px (20x, spec §5). None = the level's own pixels.
+    c.eval.slide_mpp = config_dict.placeholder(float)  # Override or supply the slide's level-0 um/px (metadata wins otherwise).
+    c.eval.slide_level = config_dict.placeholder(int)  # Pyramid level to read; None = coarsest one at least as fine as eval.mpp.
+    # Model-grid pixels per region side (rounded down to whole tiles of 380 px). Sets peak memory
+    # (~150 MB per region at 2048) and nothing else: the result does not depend on it.
+    c.eval.region_size = 2048
+    c.eval.tissue_mask = True  # Skip tiles without tissue (Otsu on saturation of a thumbnail); False = run every tile.
+    c.eval.tissue_min_saturation = 0.05  # Floor on the Otsu threshold, so an all-tissue or all-glass slide is not split at noise.
+    c.eval.thumbnail_size = 2048  # Longer side of the thumbnail for the tissue mask and overlay.png, px.
+    c.eval.write_probability_tiff = False  # Also write p(gland) as a pyramidal OME-TIFF (1 byte per model px).
+    # QuPath object type: "detection" (light, thousands per slide) or "annotation" (editable).
+    c.eval.geojson_object_type = "detection"
+    # Douglas-Peucker tolerance for the written polygons, model px: removes the pixel staircase (smaller
+    # files, true perimeters); areas and centroids come from the exact polygon. 0 = exact pixel edges.
+    c.eval.polygon_simplify = 0.5
 
     # ---------------------------------------------------------------- devices and hosts
     c.distributed = ml_collections.ConfigDict()

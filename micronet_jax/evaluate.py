@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from micronet_jax import checkpointing, infer, metrics, postprocess, visualize
+from micronet_jax import slide as wsi_slide
 from micronet_jax.data import augment, resample
 from micronet_jax.data.readers import DataError, read_image
 from micronet_jax.models import MicroNet, build_model
@@ -251,11 +252,56 @@ def list_images(folder: str) -> list[Path]:
     return files
 
 
+def split_inputs(input_path: str) -> tuple[list[Path], list[Path]]:
+    """(ordinary images, whole slides) of ``--input``: a folder of either or both, or one file."""
+    p = Path(input_path)
+    if p.is_file():
+        return ([], [p]) if wsi_slide.is_slide_file(p) or p.suffix.lower() not in IMAGE_SUFFIXES else ([p], [])
+    if not p.is_dir():
+        raise DataError(f"--input does not exist: {p}")
+    slide_files = sorted((q for q in p.iterdir() if q.is_file() and wsi_slide.is_slide_file(q)),
+                         key=lambda q: q.name)
+    images = [q for q in list_images(input_path)] if not slide_files else [
+        q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and not q.stem.endswith("_anno")
+        and q not in slide_files]
+    return sorted(images, key=lambda q: q.name), slide_files
+
+
+def predict(
+    config: ml_collections.ConfigDict, checkpoint: str, input_path: str, output_dir: str | None = None
+) -> dict[str, Any]:
+    """``--mode=predict``: ordinary images through :func:`predict_folder`, whole slides (SVS, tiled or
+    pyramidal TIFF, OME-TIFF, ...) through :func:`micronet_jax.wsi.predict_slide`, one folder each."""
+    from micronet_jax import wsi
+
+    images, slide_files = split_inputs(input_path)
+    out = wsi.check_output_dir(output_dir or os.path.join(checkpoint, "predict"))
+    result: dict[str, Any] = {}
+    if images:
+        result["images"] = predict_folder(config, checkpoint, images, out)
+    if slide_files:
+        model, variables, _ = load_for_inference(config, checkpoint)
+        compiled = jit_tile_forward(model)
+        # Not awaited here: wsi collects a region's logits after dispatching the next region.
+        forward = lambda tiles: compiled(variables, jnp.asarray(tiles, jnp.float32))  # noqa: E731
+        result["slides"] = {}
+        for path in slide_files:
+            s = wsi.predict_slide(config, forward, path, out / path.name.split(".")[0], tile=model.variant)
+            result["slides"][path.name] = s
+            print(f"{path.name}: {s['glands']} glands, {s['tiles_run']} tiles, {s['seconds']:.1f} s "
+                  f"({s['megapixels_per_second']} slide Mpx/s) -> {out / path.name.split('.')[0]}")
+    return result
+
+
 def predict_folder(
-    config: ml_collections.ConfigDict, checkpoint: str, input_dir: str, output_dir: str | None = None
+    config: ml_collections.ConfigDict, checkpoint: str, input_dir: str | Sequence[Path],
+    output_dir: str | os.PathLike | None = None
 ) -> list[dict[str, Any]]:
-    """``--mode=predict``: label PNGs, overlays and a CSV of gland counts and areas per image."""
-    files = list_images(input_dir)
+    """Ordinary images: label PNGs, overlays and a CSV of gland counts and areas per image.
+
+    ``input_dir`` is a folder or a list of image files.
+    """
+    files = list_images(input_dir) if isinstance(input_dir, (str, os.PathLike)) else list(input_dir)
     model, variables, _ = load_for_inference(config, checkpoint)
     forward = make_forward_fn(model, variables)
     out = Path(output_dir or os.path.join(checkpoint, "predict"))

@@ -4,13 +4,15 @@ Modes:
   summary   print the layer table, parameter count, FLOPs and memory without allocating weights
   train     train (or resume) in --workdir, then validate and write reports
   evaluate  score a checkpoint on a split with the GlaS metrics (report.json, per_image.csv, table)
-  predict   segment every image in --input and write label PNGs, overlays and a CSV
+  predict   segment the images or whole slides in --input: label PNGs, overlays and a CSV per folder of
+            images; QuPath GeoJSON, a glands CSV, an overlay (and a probability OME-TIFF) per slide
   tune      choose post-processing constants on the validation split (never on Test A/B)
 
 Examples:
   python -m micronet_jax.main --config configs/default.py --workdir runs/default
   python -m micronet_jax.main --config configs/glas_508.py --config.data.root=/data/GlaS --workdir runs/glas
   python -m micronet_jax.main --config configs/glas_508.py --config.data.root=/data/GlaS --mode=evaluate --checkpoint runs/glas --config.eval.split=testA
+  python -m micronet_jax.main --config configs/default.py --mode=predict --checkpoint runs/default --input slide.svs --output out/
 Every config key is listed, with its default and reason, in micronet_jax/config.py.
 """
 # This file only parses flags and hands over; everything else is importable without flags.
@@ -54,7 +56,10 @@ _CHECKPOINT = flags.DEFINE_string(
     "evaluate/predict: a workdir (its best checkpoint, else its latest) or one checkpoint step "
     "folder. Defaults to --workdir.",
 )
-_INPUT = flags.DEFINE_string("input", None, "predict: a folder of images (any size; PNG/BMP/TIFF/JPEG).")
+_INPUT = flags.DEFINE_string(
+    "input", None,
+    "predict: a whole-slide file (SVS, tiled/pyramidal TIFF, OME-TIFF; others with openslide) or a folder "
+    "of slides and/or ordinary images (any size; PNG/BMP/TIFF/JPEG).")
 _OUTPUT = flags.DEFINE_string(
     "output", None, "evaluate/predict: where to write results (default: WORKDIR/eval_SPLIT or WORKDIR/predict)."
 )
@@ -145,8 +150,8 @@ def _run_mode(config, platform: str | None) -> None:
         evaluate.tune_checkpoint(config, checkpoint, output_dir=_OUTPUT.value)
     else:
         if not _INPUT.value:
-            raise app.UsageError("--input (a folder of images) is required for --mode=predict")
-        evaluate.predict_folder(config, checkpoint, _INPUT.value, output_dir=_OUTPUT.value)
+            raise app.UsageError("--input (a slide, or a folder of images or slides) is required for --mode=predict")
+        evaluate.predict(config, checkpoint, _INPUT.value, output_dir=_OUTPUT.value)
 
 
 def run() -> None:
