@@ -157,8 +157,10 @@ def test_tta_with_the_real_model_is_the_mean_over_the_eight_transforms(trained):
     config.eval.tta = False
     plain = evaluate.predict_probabilities(forward, image, config.eval, model.variant)
 
-    tile = np.pad(augment.standardize(image), ((margin, margin), (margin, margin), (0, 0)),
-                  mode="reflect")[None].astype(np.float32)
+    # Each tile is standardised on its own (as training standardises each crop).
+    tile = augment.standardize(
+        np.pad(image, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
+    )[None].astype(np.float32)
     by_hand = np.mean([
         infer.dihedral_inverse(np.asarray(jax.nn.softmax(forward(infer.dihedral(tile, k)), -1)), k)[0]
         for k in range(8)

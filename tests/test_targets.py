@@ -122,3 +122,29 @@ def test_rescale_keeps_ids_and_probabilities_return_to_the_original_size():
     assert resample.rescale_examples([e], 1.0)[0] is e
     with pytest.raises(ValueError, match="data.scale"):
         resample.rescale_image(e.image, 0.0)
+
+
+def test_contour_target_needs_three_classes_named_in_the_error():
+    from micronet_jax.config import base_config
+    from micronet_jax.train import check_batch
+
+    c = base_config()
+    c.data.target = "contour"
+    with pytest.raises(ValueError, match=r"model.num_classes=2 .*data.target='contour'.*num_classes=3"):
+        check_batch(c, 1)
+    c.model.num_classes = 3
+    check_batch(c, 1)
+
+
+def test_sampler_emits_the_contour_classes_of_the_warped_crop():
+    from micronet_jax.data.pipeline import TrainSampler, TrainSource
+
+    examples = make_synthetic_glands(2, height=200, width=220, seed=1, touch_prob=0.9)
+    source = TrainSource(examples, patch_size=128, target="contour", boundary_width=3)
+    sample = TrainSampler(source, seed=0, crop_size=120, augment_config={"distortion_prob": 1.0,
+                                                                         "distortion_max": 0.2})(0)
+    assert sample["label"].dtype == np.int32 and set(np.unique(sample["label"])) <= {0, 1, 2}
+    assert (sample["label"] == 2).any() and (sample["label"] == 1).any()
+    # Class-balanced over three classes: the band pixels are the rarest, so the heaviest.
+    w, lab = sample["weight"], sample["label"]
+    assert np.median(w[lab == 2]) > np.median(w[lab == 1])
