@@ -333,7 +333,7 @@ def predict_folder(
 
 # Grid of the post-processing tuner (``--mode=tune``); spec §7.17: tune on validation images only.
 TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-TUNE_MIN_SIZES = (0, 50, 100, 200, 300, 500, 800, 1200)
+TUNE_MIN_SIZES = (0, 50, 100, 200, 300, 500, 800, 1200, 2000, 3000)
 TUNE_OPENING_RADII = (0, 2, 3)
 TUNE_MARKER_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)  # data.target=contour only
 
