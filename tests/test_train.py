@@ -422,4 +422,10 @@ def test_full_width_train_step_lowers_with_the_analytic_flops(transpose_impl):
     cost = trainer.train_step.lower(trainer.abstract_state, batch).cost_analysis()
     flops = (cost if isinstance(cost, dict) else cost[0])["flops"]
     ratio = flops / (b * 3 * forward_flops(trainer.model))
-    assert 0.99 < ratio < 1.02, ratio
+    if transpose_impl == "xla":
+        assert 0.99 < ratio < 1.02, ratio
+    else:
+        # The fast 5x5 stride-1 transposed convs pad their input with jnp.pad (a VALID conv, for a fast
+        # CPU kernel gradient), so the HLO also counts the multiplications by the zero border, which
+        # the analytic input-pixel count leaves out: 1.055 here, and the work is real on every backend.
+        assert 1.03 < ratio < 1.08, ratio
