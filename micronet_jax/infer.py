@@ -145,6 +145,7 @@ def tiled_predict(
     out: np.ndarray | None = None
     wsum = np.zeros((ph, pw, 1), np.float32) if stitch == "blend" else None
     partial: dict[int, np.ndarray] = {}
+    windows: dict[int, np.ndarray] = {}
 
     def chunks() -> Iterator[list[tuple[int, int]]]:
         for s in range(0, len(jobs), tile_batch):
@@ -154,10 +155,12 @@ def tiled_predict(
         batch = np.zeros((tile_batch, tile, tile, img.shape[2]), np.float32)
         for b, (t, k) in enumerate(chunk):
             y, x = tiles[t]
-            window = padded[y:y + tile, x:x + tile]
-            if preprocess is not None:
-                window = preprocess(window)
-            batch[b] = dihedral(window[None], k)[0]
+            if t not in windows:  # preprocess each tile once, not once per TTA transform
+                window = padded[y:y + tile, x:x + tile]
+                windows[t] = preprocess(window) if preprocess is not None else window
+            batch[b] = dihedral(windows[t][None], k)[0]
+            if k == transforms[-1]:
+                del windows[t]
         logits = np.asarray(forward_fn(batch), dtype=np.float32)
         if logits.ndim != 4 or logits.shape[:3] != (tile_batch, tile, tile):
             raise ValueError(
