@@ -255,7 +255,7 @@ def _num(v: Any, fmt: str = ".3f", none: str = "not measured") -> str:
     if v is None:
         return none
     if isinstance(v, str):
-        return v  # "inf" (an empty side of the Hausdorff distance)
+        return "+inf" if v == "inf" else v  # report.json writes an infinite Hausdorff as "inf".
     if isinstance(v, float) and math.isinf(v):
         return "+inf"
     return format(v, fmt)
