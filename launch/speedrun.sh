@@ -36,6 +36,7 @@ USAGE_OPTIONS="Options:
   --deadline=MIN    minutes from start by which the command should end (default 9.5)
   --reserve=S       seconds kept for train start-up, final validation, tune and evaluate (default 180)
   --bench-steps=N   timed steps of the bare-step benchmark (default 20; 2 with --smoke)
+  --peak-tflops=X   the device peak for MFU (default: the benchmark's 800, an H100's dense bf16)
   --dry-run         print the plan and every command, run nothing
   --config.KEY=V    passed to every stage's config (the benchmark gets it as --set KEY=V)
   env GPU (default 0), PYTHON (default python), JAX_COMPILATION_CACHE_DIR."
@@ -54,6 +55,7 @@ WORKDIR=""
 DEADLINE_MIN=9.5
 RESERVE_S=180
 BENCH_STEPS=""
+PEAK_TFLOPS=""
 ARGV=("$@")
 while (($#)); do
   case "$1" in
@@ -72,8 +74,10 @@ while (($#)); do
     --deadline=*) DEADLINE_MIN=${1#*=} ;;
     --reserve=*) RESERVE_S=${1#*=} ;;
     --bench-steps=*) BENCH_STEPS=${1#*=} ;;
+    --peak-tflops=*) PEAK_TFLOPS=${1#*=} ;;
     --dry-run) DRY_RUN=1 ;;
     -h | --help) usage; exit 0 ;;
+    --config.data.root=*) DATA_ROOT=${1#*=} ;;  # The same as --data-root (checked below).
     --config.*=*) OVERRIDES+=("$1") ;;
     *) echo "error: unknown argument '$1' (config overrides look like --config.KEY=VALUE); see --help" >&2
        exit 2 ;;
@@ -98,6 +102,7 @@ else
   PLATFORM_FLAGS=(--config.platform=gpu)
 fi
 [[ "$BENCH_STEPS" =~ ^[1-9][0-9]*$ ]] || die "--bench-steps=$BENCH_STEPS is not a positive number"
+[[ -z "$PEAK_TFLOPS" || "$PEAK_TFLOPS" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--peak-tflops=$PEAK_TFLOPS is not a number"
 
 # The config: relative paths are taken from the caller's folder if the file is there, else the repository.
 file=${CONFIG%%:*}
@@ -163,6 +168,7 @@ EVAL_CMD=("$PYTHON" -m micronet_jax.main --mode=evaluate "${CONFIG_ARGS[@]}" "--
   --config.eval.split=val "--output=$OUT_DIR/eval_val_tuned")
 BENCH_CMD=("$PYTHON" -m micronet_jax.benchmark "--config=$CONFIG" ${BENCH_SETS[@]+"${BENCH_SETS[@]}"}
   --steps "$BENCH_STEPS" --skip-inference --json "$OUT_DIR/bench.json")
+[[ -n "$PEAK_TFLOPS" ]] && BENCH_CMD+=(--peak-tflops "$PEAK_TFLOPS")
 TORCH_CMD=("$PYTHON" "$TORCH_BASELINE" "$BATCH_HINT" 10 compiled_bf16)
 BUDGET_CMD=("${HELPER[@]}" budget --config "$CONFIG" --seconds SECONDS_LEFT)
 ((FIT)) && BUDGET_CMD+=(--fit --bench "$OUT_DIR/bench.json")
@@ -246,6 +252,17 @@ skipped() {
   say "== $1: skipped ($2)"
 }
 show() { say "+ $(quote "$@")"; "$@"; }
+
+# A signal (the device's time limit, SIGTERM from a scheduler) still leaves a summary of what
+# finished; the trainer itself saves a checkpoint on SIGTERM (rerun with --workdir to resume).
+on_signal() {
+  trap - TERM INT
+  echo "error: stopped by SIG$1" >&2
+  summarize || true
+  exit $((128 + $2))
+}
+trap 'on_signal TERM 15' TERM
+trap 'on_signal INT 2' INT
 
 machine() {
   if command -v nvidia-smi > /dev/null; then

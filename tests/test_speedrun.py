@@ -328,6 +328,20 @@ def test_dry_run_prints_every_stage_and_runs_nothing(tmp_path):
     assert "--fit" in next(c for c in commands if "speedrun_summary budget" in c)
 
 
+def test_smoke_dry_run_and_help(tmp_path):
+    proc = _launch("--smoke", "--dry-run", "--out=o", "--peak-tflops=989", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    trainer = next(c for c in commands if "--mode=train" in c)
+    assert f"--config={REPO}/configs/glas_speedrun.py:smoke" in trainer
+    assert "platform=gpu" not in proc.stdout and "data.root" not in trainer
+    assert "--steps 2 --skip-inference" in next(c for c in commands if "micronet_jax.benchmark" in c)
+    assert "--peak-tflops 989" in proc.stdout and "synthetic glands" in proc.stdout
+    assert not (tmp_path / "o").exists()
+    proc = _launch("--help", tmp_path=tmp_path)
+    assert proc.returncode == 0 and "GlaS speedrun on one GPU" in proc.stdout and "--fit" in proc.stdout
+
+
 def test_launcher_names_what_is_wrong(tmp_path):
     proc = _launch("--dry-run", tmp_path=tmp_path)
     assert proc.returncode == 2 and "give --data-root=DIR" in proc.stderr and "stage_glas.sh" in proc.stderr
@@ -338,7 +352,7 @@ def test_launcher_names_what_is_wrong(tmp_path):
     proc = _launch(f"--data-root={empty}", "--dry-run", tmp_path=tmp_path)
     assert proc.returncode == 2 and f"{empty} holds no GlaS training pairs" in proc.stderr
     half = _glas_folder(tmp_path / "half", 42)
-    proc = _launch(f"--data-root={half}", "--dry-run", tmp_path=tmp_path)
+    proc = _launch(f"--config.data.root={half}", "--dry-run", tmp_path=tmp_path)
     assert proc.returncode == 0 and "holds 42 GlaS training masks, not the 85" in proc.stdout
     proc = _launch(f"--data-root={half}", "--out=o", "--workdir=o/w", "--dry-run", tmp_path=tmp_path)
     assert proc.returncode == 2 and "--workdir must not be inside --out" in proc.stderr
