@@ -248,18 +248,28 @@ def test_paper_figure_matches_the_evaluation_table():
 
 
 def _blocker(folder: Path) -> Path:
-    """A sitecustomize that makes BLOCKED unimportable in every Python started with it on PYTHONPATH."""
+    """A sitecustomize that hides BLOCKED from every Python started with it on PYTHONPATH.
+
+    Every import finder answers "not found" (None) for them, exactly as when they are not installed,
+    so ``importlib.util.find_spec`` probes (JAX, etils, orbax) see no module rather than an error.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(textwrap.dedent(f"""\
         import sys
 
-        class _Blocked:
+        class _Hide:
+            def __init__(self, finder):
+                self._finder = finder
+
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in {BLOCKED!r}:
-                    raise ModuleNotFoundError(f"{{name}} is blocked (not on the GPU image)", name=name)
-                return None
+                    return None
+                return self._finder.find_spec(name, path, target)
 
-        sys.meta_path.insert(0, _Blocked())
+            def __getattr__(self, attr):
+                return getattr(self._finder, attr)
+
+        sys.meta_path[:] = [_Hide(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
         """))
     return folder
 
