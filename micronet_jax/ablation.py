@@ -233,7 +233,7 @@ class _Programs:
         self.tx, schedule = train.make_optimizer(config)
         self.step_fn = train.make_train_step(
             self.model, self.tx, schedule,
-            steps_per_epoch=train.steps_per_epoch(config),
+            steps_per_epoch=train.aux_steps_per_epoch(config),
             aux_loss=bool(config.train.aux_loss),
             grad_accum_steps=int(config.train.grad_accum_steps),
         )

@@ -104,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.schedule = "paper"  # paper (lr0*10^(-epoch/5), per epoch) | constant | cosine.
     c.train.warmup_steps = 0
     c.train.aux_loss = True  # l = l_o + (l_a1 + l_a2 + l_a3) / epoch (§4).
+    # How many "epochs" the 1/epoch auxiliary weight counts over the run. None = the paper: its epoch
+    # is the training epoch (train.patches_per_epoch), so 25 epochs take it from 1 to 1/25. N: the
+    # run's total_steps split into N equal parts, so the weight falls 1, 1/2, ..., 1/N by the end of
+    # any budget: the paper's curve rescaled to a shortened run (configs/glas_speedrun.py: 25).
+    c.train.aux_epochs = config_dict.placeholder(int)
     c.train.grad_clip_norm = 0.0  # 0 = off (paper).
     c.train.log_every = 10
     c.train.checkpoint_every = 500

@@ -32,6 +32,20 @@ def aux_weight(step: jax.Array, steps_per_epoch: int, enabled: bool = True) -> j
     return 1.0 / epoch
 
 
+def aux_steps_per_epoch(train_config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> int:
+    """Optimizer steps per epoch of the 1/epoch auxiliary weight (``train.aux_epochs``).
+
+    None (the paper): the training epoch. N: ceil(total_steps / N), so the weight is 1/N at most
+    N-ths into the run and never falls below 1/N.
+    """
+    n = train_config.get("aux_epochs")
+    if n is None:
+        return steps_per_epoch
+    if int(n) < 1:
+        raise ValueError(f"config train.aux_epochs={n!r} must be a positive integer or None")
+    return max(1, -(-int(total_steps) // int(n)))
+
+
 def micronet_loss(
     outputs: dict[str, jax.Array],
     labels: jax.Array,

@@ -119,6 +119,11 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
     return max(1, int(config.train.patches_per_epoch) // int(config.train.batch_size))
 
 
+def aux_steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+    """Steps per epoch of the auxiliary weight: the training epoch unless ``train.aux_epochs`` is set."""
+    return losses.aux_steps_per_epoch(config.train, steps_per_epoch(config), total_steps(config))
+
+
 def total_steps(config: ml_collections.ConfigDict) -> int:
     planned = steps_per_epoch(config) * int(config.train.epochs)
     if config.train.max_steps is not None:
@@ -166,6 +171,8 @@ def make_train_step(
     grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure train step: weighted CE on main + aux outputs (aux weighted 1/epoch), then Adam.
+
+    ``steps_per_epoch`` is the auxiliary weight's epoch (:func:`aux_steps_per_epoch`).
 
     With ``grad_accum_steps`` = k the batch is split into k micro-batches whose gradients are
     averaged before one optimizer update (same result as the full batch, for small GPUs).
@@ -298,7 +305,7 @@ class Trainer:
         self._init = jax.jit(init, out_shardings=self.state_sharding)
         step_fn = make_train_step(
             self.model, self.tx, self.schedule,
-            steps_per_epoch=self.steps_per_epoch,
+            steps_per_epoch=aux_steps_per_epoch(config),
             aux_loss=bool(config.train.aux_loss),
             grad_accum_steps=int(config.train.grad_accum_steps),
         )
