@@ -29,11 +29,14 @@ def get_config(arg: str | None = None):
         return c
     if arg:
         raise ValueError(f"configs/glas_cpu.py takes no argument or ':faithful', not {arg!r}")
-    # The fixed-budget table's winner (docs/accuracy.md): half resolution, so each 508 patch sees
-    # four times the tissue. Images become ~388x261, padded (reflected) to the 508 crop.
+    # The fixed-budget table's winners (docs/accuracy.md), each measured at this budget:
+    # half resolution, so each 508 patch sees four times the tissue (images become ~388x261, padded
+    # by reflection to the 508 crop): F1 0.238 -> 0.317 (tuned 0.412 -> 0.474);
     c.data.scale = 0.5
     c.data.patch_size = 508
+    # and ReLU instead of the paper's tanh: tuned F1 0.474 -> 0.529, object Dice 0.555 -> 0.586.
+    c.model.activation = "relu"
     # --mode=tune's choice on the validation split for that run (min_size at full resolution).
-    c.eval.opening_radius = 2
-    c.eval.min_size = 3000
+    c.eval.opening_radius = 0
+    c.eval.min_size = 2000
     return c

@@ -58,6 +58,16 @@ def test_aux_epochs_spreads_one_over_epoch_across_the_run():
 # ------------------------------------------------------------------------------------ the config
 
 
+def glas_speedrun_module():
+    """configs/glas_speedrun.py as a module (configs are files, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("glas_speedrun", REPO / "configs" / "glas_speedrun.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _lr(config):
     return losses.learning_rate_schedule(config.train, train.steps_per_epoch(config), train.total_steps(config))
 
@@ -68,10 +78,23 @@ def test_speedrun_config_is_the_fixed_budget_recipe():
     assert c.train.batch_size == 8 and c.data.source == "glas" and c.data.split_by == "patient"
     steps = train.total_steps(c)
     assert steps * c.train.batch_size == 48_000 and steps == 6000
-    assert c.train.warmup_steps == 300 == round(0.05 * steps)
-    assert train.aux_steps_per_epoch(c) == 240  # 25 aux epochs over the run.
+    assert c.train.warmup_steps == 0 and c.train.schedule == "paper" and c.train.aux_epochs is None
+    assert c.train.epochs == 6 and train.steps_per_epoch(c) == 1000
+    assert train.aux_steps_per_epoch(c) == 1000  # 1/epoch over the 6 epochs of the run.
     assert c.train.time_limit_seconds == 540 and c.data.num_workers == 8
     assert c.train.eval_every == 0 and c.train.checkpoint_every == steps
+    # The paper's lr0*10^(-epoch/5), per epoch, compressed into the 6 epochs of the budget.
+    lr = _lr(c)
+    for step in (0, 999, 1000, 2500, 5999):
+        assert float(lr(step)) == pytest.approx(1e-3 * 10 ** (-(step // 1000) / 5), rel=1e-5)
+
+
+def test_cosine_alternative_warms_up_and_ends_at_zero():
+    c = load_config("glas_speedrun")
+    steps = train.total_steps(c)
+    glas_speedrun_module().speedrun_cosine_schedule(c, steps)
+    assert c.train.warmup_steps == 300 == round(0.05 * steps)
+    assert train.aux_steps_per_epoch(c) == 240  # 25 aux epochs over the run.
     lr = _lr(c)
     assert float(lr(0)) == 0.0
     assert float(lr(150)) == pytest.approx(5e-4, rel=1e-6)  # Linear warm-up.
@@ -115,8 +138,8 @@ def test_cpu_variant_differs_from_glas_cpu_only_in_the_schedule():
 def test_smoke_variant_and_bad_argument():
     c = load_config("glas_speedrun", "smoke")
     assert c.platform == "cpu" and c.data.source == "synthetic" and c.model.dtype == "float32"
-    assert c.model.width == 1 / 64 and train.total_steps(c) == 8 and c.train.schedule == "cosine"
-    assert c.train.aux_epochs == 25 and c.eval.max_images == 2
+    assert c.model.width == 1 / 64 and train.total_steps(c) == 8 and c.train.schedule == "paper"
+    assert c.train.aux_epochs is None and c.eval.max_images == 2
     with pytest.raises(ValueError, match="smoke"):
         load_config("glas_speedrun", "fast")
 
@@ -134,13 +157,19 @@ def test_budget_flags_limit_and_fit():
     assert flags == ["--config.train.time_limit_seconds=30"] and "raised to 30 s" in notes[0]
     bench = {"train": [{"batch": 8, "dtype": "bfloat16", "remat": False, "steps": 20,
                         "step_s_median": 0.1, "patches_per_s": 80.0, "tflops": 1.0, "mfu": 0.1}]}
-    # 300 s: 0.9 x 10 steps/s x (300 - 60) s = 2160 of 6000 steps; warm-up stays 5%.
+    # 300 s: 0.9 x 10 steps/s x (300 - 60) s = 2160 of 6000 steps; the 6 epochs shrink to 360 steps.
     flags, _ = ss.budget_flags(c, seconds=300, bench=bench, fit=True)
     assert flags == ["--config.train.time_limit_seconds=300", "--config.train.max_steps=2160",
-                     "--config.train.warmup_steps=108"]
+                     "--config.train.warmup_steps=0", "--config.train.patches_per_epoch=2880"]
     # Within the config's 540 s safety stop, 0.9 x 10 x 480 = 4320 steps.
     flags, _ = ss.budget_flags(c, seconds=5000, bench=bench, fit=True)
-    assert flags[1:] == ["--config.train.max_steps=4320", "--config.train.warmup_steps=216"]
+    assert flags[1:] == ["--config.train.max_steps=4320", "--config.train.warmup_steps=0",
+                         "--config.train.patches_per_epoch=5760"]
+    # The cosine alternative keeps its warm-up fraction instead (5% of the steps).
+    cosine = load_config("glas_speedrun")
+    glas_speedrun_module().speedrun_cosine_schedule(cosine, 6000)
+    flags, _ = ss.budget_flags(cosine, seconds=300, bench=bench, fit=True)
+    assert flags[1:] == ["--config.train.max_steps=2160", "--config.train.warmup_steps=108"]
     bench["train"][0]["patches_per_s"] = 200.0  # 22.5 steps/s x 480 s > 6000: never lengthens the run.
     flags, _ = ss.budget_flags(c, seconds=5000, bench=bench, fit=True)
     assert flags == ["--config.train.time_limit_seconds=540"]
@@ -388,7 +417,7 @@ def test_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
     assert s["step_benchmark"]["patches_per_s"] > 0 and s["step_benchmark"]["steps"] == 2
     tr = s["training"]
     assert (tr["steps_done"], tr["steps_planned"], tr["finished"]) == (8, 8, True)
-    assert tr["schedule"] == "cosine" and tr["aux_epochs"] == 25
+    assert tr["schedule"] == "paper" and tr["aux_epochs"] is None
     val = s["validation"]
     for key in ("configured_postprocess", "tuned_postprocess"):
         assert 0.0 <= val[key]["f1"] <= 1.0 and val[key]["n_images"] == 2
@@ -396,7 +425,7 @@ def test_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
     assert set(s["targets"].values()) == {"not applicable (--smoke)"}
     md = (out / "summary.md").read_text()
     assert "--smoke: reduced width" in md and "8 of 8 steps (16 patches), finished" in md
-    # The logged schedule is the speedrun's: warm-up from 0, cosine to ~0, aux weight 1/step here.
+    # The logged schedule is the speedrun's: two epochs of 4 steps, lr0 then lr0*10^(-1/5), aux 1 then 1/2.
     config = load_config("glas_speedrun", "smoke")
     lr = _lr(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -404,8 +433,9 @@ def test_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
     assert sorted(logged) == list(range(1, 9))
     for step, r in logged.items():
         assert r["train/learning_rate"] == pytest.approx(float(lr(step - 1)), rel=1e-5, abs=1e-12)
-        assert r["train/aux_weight"] == pytest.approx(1 / step)
-    assert logged[1]["train/learning_rate"] == 0.0 and logged[8]["train/learning_rate"] < 1e-4
+        assert r["train/aux_weight"] == pytest.approx(1 / ((step - 1) // 4 + 1))
+    assert logged[1]["train/learning_rate"] == pytest.approx(1e-3, rel=1e-6)
+    assert logged[8]["train/learning_rate"] == pytest.approx(1e-3 * 10 ** -0.2, rel=1e-5)
     # Small enough to copy back, and no checkpoint in it.
     files = [p for p in out.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 5 * 2**20

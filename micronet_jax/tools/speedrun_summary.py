@@ -421,8 +421,10 @@ def budget_flags(config: Any, seconds: float, bench: dict[str, Any] | None = Non
     The time limit is the smaller of the config's ``train.time_limit_seconds`` and ``seconds``, the
     time the launcher has left for training. ``fit`` shrinks ``train.max_steps`` to what the
     benchmark's bare-step rate (times FIT_RATE_FACTOR, after FIT_COMPILE_MARGIN_S) allows in that
-    limit, keeping the schedule's shape: the warm-up stays the same fraction of the steps, and the
-    cosine and the auxiliary weight (train.aux_epochs) follow total_steps. It never lengthens a run.
+    limit, keeping the schedule's shape: for the per-epoch ("paper") schedule the epochs shrink so that
+    the same number of them fits (``train.patches_per_epoch``); otherwise the warm-up stays the same
+    fraction of the steps, and the cosine and the auxiliary weight (train.aux_epochs) follow
+    total_steps. It never lengthens a run.
     """
     notes = []
     configured = config.train.time_limit_seconds
@@ -449,9 +451,16 @@ def budget_flags(config: Any, seconds: float, bench: dict[str, Any] | None = Non
     if warmup:
         warmup = max(1, round(warmup / max(1, planned) * fits))
     flags += [f"--config.train.max_steps={fits}", f"--config.train.warmup_steps={warmup}"]
+    shape = f"warm-up {warmup} steps"
+    if config.train.schedule == "paper":
+        # The same number of (shorter) epochs, so lr0*10^(-epoch/5) and 1/epoch end where planned.
+        epochs, batch = int(config.train.epochs), int(config.train.batch_size)
+        patches = -(-fits // epochs) * batch
+        flags.append(f"--config.train.patches_per_epoch={patches}")
+        shape = f"{epochs} epochs of {patches} patches"
     notes.append(f"--fit: {fits} of the {planned} planned steps fit in {limit:.0f} s at "
                  f"{steps_per_s:.2f} steps/s ({FIT_RATE_FACTOR} x the bare step, "
-                 f"{FIT_COMPILE_MARGIN_S:.0f} s for the first step's compile); warm-up {warmup} steps")
+                 f"{FIT_COMPILE_MARGIN_S:.0f} s for the first step's compile); {shape}")
     return flags, notes
 
 
