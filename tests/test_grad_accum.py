@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from micronet_jax import benchmark
-from micronet_jax.train import Trainer
+from micronet_jax.core import Trainer
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
 BATCH = 4
