@@ -256,12 +256,11 @@ def bench_inference(
     """Tiles/s of the tile forward and whole images/s (tiling + post-processing), one row per TTA mode."""
     from micronet_jax import evaluate, infer
     from micronet_jax.data.synthetic import make_synthetic_glands
-    from micronet_jax.models import build_model
     from micronet_jax.models.summary import abstract_variables
 
     c = copy.deepcopy(config)
     c.model.dtype = dtype
-    model = build_model(c.model)
+    model = core.make_setup(c).model
     variables = jax.device_put(random_variables(abstract_variables(model), np.random.default_rng(seed)))
     forward = core.make_forward_fn(model, variables)
     tile, tile_batch = model.variant, int(c.eval.tile_batch)
@@ -469,13 +468,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batches = args.batch or [int(config.train.batch_size)]
     dtypes = args.dtype or [str(config.model.dtype)]
     remats = args.remat if args.remat is not None else [bool(config.model.remat)]
-    from micronet_jax.models import DTYPES, build_model
+    from micronet_jax.models import DTYPES
     from micronet_jax.models.summary import forward_flops as count_forward_flops
 
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"error: --dtype {d!r} is not one of {sorted(DTYPES)}")
-    flops = count_forward_flops(build_model(config.model))
+    flops = count_forward_flops(core.make_setup(config).model)
     meta = _meta(args, config, flops)
     print(f"Micro-Net-{meta['variant']} width={meta['width']:g}: {meta['forward_tflop_per_patch']:.4f} "
           f"TFLOP forward per patch (training step: 3x). Device: {meta['device_count']} x "

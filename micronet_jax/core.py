@@ -261,7 +261,8 @@ def split(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, sharding: Any = None) -> Any:
     """One sharding per leaf: replicated (pure data parallelism) unless ``sharding`` is given."""
-    return jax.tree.map(lambda _: sharding or replicated(mesh), abstract_state)
+    where = replicated(mesh) if sharding is None else sharding
+    return jax.tree.map(lambda _: where, abstract_state)
 
 
 def compile_train_step(
