@@ -23,13 +23,12 @@ retraining, so their difference from the baseline is the post-processing / TTA e
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
 import ml_collections
 
-from micronet_jax.config import apply_overrides
+from micronet_jax.config import apply_overrides, load_config_file
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,24 +76,21 @@ def base_config(sweep: str = "cpu") -> ml_collections.ConfigDict:
     """The sweep's base config, loaded from its file in ``configs/`` (configs are not a package)."""
     if sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {sweep!r}; expected one of {', '.join(SWEEPS)}")
-    path = os.path.join(_HERE, SWEEPS[sweep]["base"])
-    spec = importlib.util.spec_from_file_location(f"_micronet_config_{sweep}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(os.path.join(_HERE, SWEEPS[sweep]["base"]))
 
 
 def variant_config(
-    variant: str, sweep: str = "cpu", overrides: dict[str, Any] | None = None
+    variant: str, sweep: str = "cpu", overrides: dict[str, Any] | None = None, base: str | None = None
 ) -> ml_collections.ConfigDict:
-    """Base of ``sweep``, then ``overrides`` (e.g. from the command line), then the variant's delta.
+    """Base of ``sweep`` (or the config file ``base``, ``FILE[:ARG]``), then ``overrides`` (e.g. from
+    the command line), then the variant's delta.
 
     The variant comes last so that a command-line change (say a smaller width) applies to every
     variant alike and never erases the one switch a variant is about.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown ablation variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    config = base_config(sweep)
+    config = load_config_file(base) if base else base_config(sweep)
     apply_overrides(config, overrides or {})
     apply_overrides(config, VARIANTS[variant])
     return config

@@ -1,6 +1,6 @@
 """Throughput of the real training step and of tiled inference, for GPU sizing and MFU.
 
-Training: for each batch size x compute dtype x remat setting, builds the :class:`~micronet_jax.train.Trainer`
+Training: for each batch size x compute dtype x remat setting, builds the :class:`~micronet_jax.core.Trainer`
 the training loop uses, compiles its jitted ``train_step`` ahead of time (timed on its own), puts one
 synthetic batch on the device once, and times the step itself (warm-up excluded, each step finished
 with ``block_until_ready``, median over ``--steps``). The input pipeline is excluded on purpose: it is
@@ -13,7 +13,7 @@ FLOPs are the analytic count of :func:`micronet_jax.models.summary.forward_flops
 ``--peak-tflops`` (800 by default: the issue's figure for an H100's dense bf16 peak; remat's
 recomputation is deliberately not counted, as is usual for MFU).
 
-Inference: tiles/s of the jitted tile forward (:func:`micronet_jax.evaluate.make_forward_fn`, host
+Inference: tiles/s of the jitted tile forward (:func:`micronet_jax.core.make_forward_fn`, host
 tiles in and host logits out, exactly as tiled inference calls it) at ``eval.tile_batch``, and whole
 GlaS-sized synthetic images (775x522) per second through
 :func:`~micronet_jax.evaluate.predict_probabilities` + :func:`~micronet_jax.evaluate.to_instances`,
@@ -52,34 +52,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from micronet_jax.config import apply_overrides, load_config_file, parse_value
+from micronet_jax import cli, core
 
 DEFAULT_PEAK_TFLOPS = 800.0  # H100 dense bf16, as the performance issue states it.
 GIB = 2.0**30
 
 
 # ------------------------------------------------------------------------------------ config
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads ``configs/NAME.py`` or ``configs/NAME.py:ARG`` (the same syntax as ``main.py --config``)."""
-    try:
-        return load_config_file(spec)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: --config: {e}") from None
-
-
-def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
-    """Applies ``section.key=value``; an unknown key is an error that names it (configs are data)."""
-    key, sep, text = assignment.partition("=")
-    if not sep:
-        raise SystemExit(f"error: --set expects KEY=VALUE, got {assignment!r}")
-    try:
-        apply_overrides(config, {key.strip(): parse_value(text)})
-    except KeyError:
-        raise SystemExit(f"error: unknown config key {key.strip()!r} in --set {assignment}") from None
-    except TypeError as e:
-        raise SystemExit(f"error: --set {assignment}: {e}") from None
 
 
 def _csv(kind: Any):
@@ -123,7 +102,7 @@ def random_variables(abstract: Any, rng: np.random.Generator) -> Any:
 
 
 def synthetic_state(trainer: Any, seed: int = 0) -> Any:
-    """A :class:`~micronet_jax.train.TrainState` with random weights and fresh Adam moments, born sharded.
+    """A :class:`~micronet_jax.core.TrainState` with random weights and fresh Adam moments, born sharded.
 
     Built on the host from ``trainer.abstract_state`` and put with ``trainer.state_sharding``, so no
     initialiser is compiled (one compile fewer per configuration).
@@ -143,8 +122,6 @@ def synthetic_state(trainer: Any, seed: int = 0) -> Any:
 
 def synthetic_batch(trainer: Any, batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
     """One global training batch of the pipeline's shapes and dtypes, already sharded on the device."""
-    from micronet_jax.train import global_batch
-
     rng = np.random.default_rng(seed + jax.process_index())
     n, v = batch_size // jax.process_count(), trainer.model.variant
     local = {
@@ -152,7 +129,7 @@ def synthetic_batch(trainer: Any, batch_size: int, seed: int = 0) -> dict[str, j
         "label": rng.integers(0, 2, (n, v, v), dtype=np.int32),
         "weight": rng.uniform(1.0, 10.0, (n, v, v)).astype(np.float32),
     }
-    return global_batch(local, trainer.mesh)
+    return core.global_batch(local, trainer.mesh)
 
 
 # ------------------------------------------------------------------------------------- memory
@@ -201,9 +178,7 @@ def bench_train(
     peak_tflops: float,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Times ``Trainer(config).train_step`` for one configuration; returns one result row."""
-    from micronet_jax.train import Trainer
-
+    """Times ``core.Trainer(config).train_step`` for one configuration; returns one result row."""
     c = copy.deepcopy(config)
     c.train.batch_size = int(batch_size)
     c.model.dtype = dtype
@@ -216,7 +191,7 @@ def bench_train(
     peak_before = _device_peak_bytes()
     trainer = state = batch = None
     try:
-        trainer = Trainer(c)
+        trainer = core.Trainer(c)
         state = synthetic_state(trainer, seed)
         batch = synthetic_batch(trainer, batch_size, seed)
         t0 = time.perf_counter()
@@ -281,14 +256,13 @@ def bench_inference(
     """Tiles/s of the tile forward and whole images/s (tiling + post-processing), one row per TTA mode."""
     from micronet_jax import evaluate, infer
     from micronet_jax.data.synthetic import make_synthetic_glands
-    from micronet_jax.models import build_model
     from micronet_jax.models.summary import abstract_variables
 
     c = copy.deepcopy(config)
     c.model.dtype = dtype
-    model = build_model(c.model)
+    model = core.make_setup(c).model
     variables = jax.device_put(random_variables(abstract_variables(model), np.random.default_rng(seed)))
-    forward = evaluate.make_forward_fn(model, variables)
+    forward = core.make_forward_fn(model, variables)
     tile, tile_batch = model.variant, int(c.eval.tile_batch)
     tiles = np.random.default_rng(seed).standard_normal((tile_batch, tile, tile, 3), np.float32)
 
@@ -386,7 +360,7 @@ def _meta(args: argparse.Namespace, config: ml_collections.ConfigDict, forward_f
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "argv": list(args.argv),
         "config": args.config,
-        "overrides": list(args.set),
+        "overrides": list(args.overrides),
         "platform": dev.platform,
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
@@ -419,24 +393,25 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  python -m micronet_jax.benchmark --config configs/synthetic_508.py --batch 8,16 \\\n"
             "      --dtype bfloat16,float32 --remat false,true --steps 20 --json bench.json\n"
-            "  python -m micronet_jax.benchmark --config configs/default.py --steps 3 --batch 2\n"
+            "  python -m micronet_jax.benchmark --config configs/default.py --config.model.width=1/64 --steps 3\n"
             "Peak memory: device allocator high-water mark where available ('<=' = this configuration "
             "did not raise\nthe process-wide mark), else XLA's memory analysis of the step ('xla')."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True,
-                   help="config file, optionally with ':ARG' (e.g. configs/synthetic_508.py)")
+    p.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                   help="config file, optionally with ':ARG' (e.g. configs/synthetic_508.py); "
+                        "--config.section.key=value overrides any field, as for micronet_jax.main")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, repeatable (e.g. --set model.width=1/64)")
+                   help="deprecated spelling of --config.KEY=VALUE (still accepted)")
     p.add_argument("--batch", type=_csv(int), default=None,
                    help="global batch sizes (default: train.batch_size)")
     p.add_argument("--dtype", type=_csv(str), default=None,
                    help="compute dtypes, float32 and/or bfloat16 (default: model.dtype)")
     p.add_argument("--remat", type=_csv(bool), default=None,
                    help="block rematerialisation settings, e.g. false,true (default: model.remat); "
-                        "the output heads are recomputed either way unless --set "
-                        "model.remat_heads=false")
+                        "the output heads are recomputed either way unless "
+                        "--config.model.remat_heads=false")
     p.add_argument("--steps", type=int, default=20,
                    help="timed steps per configuration, median reported; also the timed tile forwards "
                         "(default: 20)")
@@ -460,16 +435,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+    """The benchmark's own flags, and the config from ``--config`` and its ``--config.*`` overrides
+    (``--set KEY=VALUE`` is the deprecated spelling of ``--config.KEY=VALUE``)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    for assignment in args.set:
+        if "=" not in assignment:
+            parser.error(f"--set expects KEY=VALUE, got {assignment!r}")
+        print(f"note: --set {assignment} is deprecated; write --config.{assignment.strip()}", file=sys.stderr)
+    args.overrides = [*(f"--config.{a.strip()}" for a in args.set), *rest]
+    args.argv = list(argv)
+    return args, cli.parse_config(["--config", args.config, *args.overrides])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints the tables and returns ``{"meta", "train", "inference"}``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    config = load_config(args.config)
-    for assignment in args.set:
-        apply_override(config, assignment)
-    if config.platform and "JAX_PLATFORMS" not in os.environ:
-        os.environ["JAX_PLATFORMS"] = config.platform  # Only effective before JAX picks a backend.
+    args, config = parse_args(list(sys.argv[1:] if argv is None else argv))
+    cli.use_platform(config)
     if args.tile_batch is not None:
         config.eval.tile_batch = args.tile_batch
     if args.steps < 1 or args.warmup < 0 or args.images < 1:
@@ -482,13 +468,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batches = args.batch or [int(config.train.batch_size)]
     dtypes = args.dtype or [str(config.model.dtype)]
     remats = args.remat if args.remat is not None else [bool(config.model.remat)]
-    from micronet_jax.models import DTYPES, build_model
+    from micronet_jax.models import DTYPES
     from micronet_jax.models.summary import forward_flops as count_forward_flops
 
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"error: --dtype {d!r} is not one of {sorted(DTYPES)}")
-    flops = count_forward_flops(build_model(config.model))
+    flops = count_forward_flops(core.make_setup(config).model)
     meta = _meta(args, config, flops)
     print(f"Micro-Net-{meta['variant']} width={meta['width']:g}: {meta['forward_tflop_per_patch']:.4f} "
           f"TFLOP forward per patch (training step: 3x). Device: {meta['device_count']} x "
@@ -536,5 +522,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def run() -> None:
+    """Console entry point: one logging set-up and one-line errors, as ``micronet_jax.main``."""
+    cli.setup_logging()
+    cli.run_guarded(main)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -7,6 +7,10 @@ A checkpoint holds four items, so that inference can read the weights without th
 * ``data_iter``: the grain iterator state, so a resumed run sees exactly the batches it would have;
 * ``config``: the run's config as JSON, to explain a mismatch instead of failing on shapes.
 
+:func:`save_state` / :func:`restore_state` are the one mapping between a :class:`~micronet_jax.core.TrainState`
+and those items; :func:`save_weights` writes ``params`` and ``config`` only (the ablation runner's
+trained seeds), which ``--mode=evaluate|tune|predict`` read like any other checkpoint.
+
 Orbax writes each step into a temporary folder and renames it when complete, so a process killed
 during a save leaves the previous checkpoint intact and the partial one is ignored and cleaned up.
 """
@@ -19,9 +23,12 @@ import logging
 import os
 from typing import Any, Callable, TypeVar
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from micronet_jax.core import TrainState
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,56 +77,71 @@ def _quiet_read_only_notices():
         absl_logger.removeFilter(quiet)
 
 
-def save(
+def save_state(
     manager: ocp.CheckpointManager,
     step: int,
+    state: TrainState,
     *,
-    variables: dict[str, Any],
-    opt: dict[str, Any],
-    data_iter: Any,
     config: ml_collections.ConfigDict,
-    val_f1: float | None,
+    data_iter: Any = None,
+    val_f1: float | None = None,
 ) -> None:
-    """Starts an asynchronous save of one step (call ``manager.wait_until_finished()`` before exit)."""
-    from micronet_jax.data.pipeline import checkpoint_save_arg
-
+    """Starts an asynchronous save of a training state (call ``manager.wait_until_finished()`` before
+    exit): weights as ``params``, what resuming also needs as ``opt``, and the data iterator."""
     items = dict(
-        params=ocp.args.StandardSave(variables),
-        opt=ocp.args.StandardSave(opt),
-        config=ocp.args.JsonSave(json.loads(config.to_json())),
+        params=ocp.args.StandardSave(state.variables()),
+        opt=ocp.args.StandardSave(_opt_item(state)),
     )
     if data_iter is not None:
-        items["data_iter"] = checkpoint_save_arg(data_iter)
+        items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    _save(manager, step, items, config, val_f1)
+
+
+def save_weights(
+    manager: ocp.CheckpointManager,
+    step: int,
+    variables: dict[str, Any],
+    *,
+    config: ml_collections.ConfigDict,
+    val_f1: float | None = None,
+) -> None:
+    """Saves weights only (``{"params"[, "batch_stats"]}``): a checkpoint that evaluation, tuning and
+    prediction read like any other, but that cannot be resumed (the ablation runner's format)."""
+    _save(manager, step, dict(params=ocp.args.StandardSave(variables)), config, val_f1)
+
+
+def _save(manager: ocp.CheckpointManager, step: int, items: dict[str, Any],
+          config: ml_collections.ConfigDict, val_f1: float | None) -> None:
+    items["config"] = ocp.args.JsonSave(json.loads(config.to_json()))
     metrics = {BEST_METRIC: float(val_f1) if val_f1 is not None else -1.0}
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
 
-def restore_training(
-    directory: str,
-    step: int,
-    *,
-    abstract_variables: Any,
-    abstract_opt: Any,
-    data_iter: Any,
-) -> tuple[Any, Any]:
-    """Restores one step's weights, optimizer state and (in place) data iterator, laid out as the targets.
+def _opt_item(state: TrainState) -> dict[str, Any]:
+    return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+
+
+def restore_state(directory: str, step: int, target: TrainState, data_iter: Any = None) -> TrainState:
+    """Restores one step's training state laid out as ``target`` (shapes, dtypes, shardings) and,
+    in place, the data iterator.
 
     Reads the step's items directly rather than through a manager: a manager cannot even be opened
     while another step folder of the same directory is damaged (it reads every step's metrics).
     """
-    from micronet_jax.data.pipeline import checkpoint_restore_arg
-
     step_dir = os.path.join(directory, str(step))
-    variables = _restore_item(step_dir, "params", ocp.args.StandardRestore(abstract_variables))
-    opt = _restore_item(step_dir, "opt", ocp.args.StandardRestore(abstract_opt))
+    variables = _restore_item(step_dir, "params", ocp.args.StandardRestore(target.variables()))
+    opt = _restore_item(step_dir, "opt", ocp.args.StandardRestore(_opt_item(target)))
     if data_iter is not None:
         # Last, so a step whose arrays are damaged never moves the iterator.
         foreign_state = _iterator_state_from_other_layout(step_dir)
         if foreign_state is None:
-            _restore_item(step_dir, "data_iter", checkpoint_restore_arg(data_iter))
+            _restore_item(step_dir, "data_iter", grain.checkpoint.CheckpointRestore(data_iter))
         else:
             data_iter.set_state(foreign_state)
-    return variables, opt
+    return TrainState(
+        step=opt["step"], params=variables["params"], batch_stats=variables.get("batch_stats", {}),
+        opt_state=opt["opt_state"], rng=opt["rng"],
+    )
 
 
 def _restore_item(step_dir: str, item: str, args: Any) -> Any:
@@ -129,9 +151,7 @@ def _restore_item(step_dir: str, item: str, args: Any) -> Any:
     elif isinstance(args, ocp.args.JsonRestore):
         handler = ocp.JsonCheckpointHandler()
     else:  # The grain iterator's CheckpointRestore: grain's own handler reads it.
-        from grain.checkpoint import CheckpointHandler
-
-        handler = CheckpointHandler()
+        handler = grain.checkpoint.CheckpointHandler()
     checkpointer = ocp.Checkpointer(handler)
     try:
         return checkpointer.restore(os.path.join(step_dir, item), args=args)
@@ -350,11 +370,4 @@ def _on_default_device(abstract: Any) -> Any:
         lambda a: a if getattr(a, "sharding", None) is not None
         else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
         abstract,
-    )
-
-
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-    """Attaches shardings to a pytree of ShapeDtypeStructs (the restore target)."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )

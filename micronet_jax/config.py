@@ -10,9 +10,12 @@ Spec references (``§n``) point at ``micronet_spec.md``, the layer-by-layer desc
 from __future__ import annotations
 
 import ast
+import copy
+import functools
 import importlib.util
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -166,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------------------ override helpers
-# Shared by the commands that take overrides outside absl flags (benchmark --set, ablation sweeps).
+# Used by configs/ablations.py (variants are dotted deltas) and by the command line (cli.py).
 
 
 def parse_value(text: str) -> Any:
@@ -203,13 +206,57 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
         node[leaf] = value
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Loads ``configs/NAME.py`` or ``configs/NAME.py:ARG``, the syntax of ``main.py --config``."""
-    path, _, arg = spec.partition(":")
+def load_module(path: str | os.PathLike) -> Any:
+    """Imports a file of ``configs/`` as a module (configs are files, not a package)."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(module_spec)
     assert module_spec.loader is not None
     module_spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``configs/NAME.py`` or ``configs/NAME.py:ARG``, the syntax of ``--config``."""
+    path, _, arg = spec.partition(":")
+    module = load_module(path)
     return module.get_config(arg) if arg else module.get_config()
+
+
+# ------------------------------------------------------------------------------ what keys mean
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> ml_collections.ConfigDict:
+    return base_config()
+
+
+def config_value(cfg: Any, key: str, section: str) -> Any:
+    """``key`` of a config section given as a ConfigDict, a mapping or an object (tests pass plain
+    dicts); a key it lacks takes its default from :func:`base_config` (``section`` names where the key
+    lives, e.g. ``"data.augment"``), so every default is written once, in this file."""
+    if isinstance(cfg, Mapping):
+        if key in cfg:
+            return cfg[key]
+    elif cfg is not None and hasattr(cfg, key):
+        return getattr(cfg, key)
+    node = _defaults()
+    for part in section.split("."):
+        node = node[part]
+    return copy.deepcopy(node[key])
+
+
+TARGETS = ("binary", "contour")  # data.target values (micronet_jax/data/targets.py builds them).
+
+
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"config data.target={target!r} is not one of {TARGETS}")
+
+
+def num_classes_for_target(target: str) -> int:
+    """Output classes (``model.num_classes``) that ``data.target`` needs."""
+    check_target(target)
+    return 2 if target == "binary" else 3

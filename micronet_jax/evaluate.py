@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
 from micronet_jax import checkpointing, infer, metrics, postprocess, visualize
+from micronet_jax.core import jit_tile_forward, make_forward_fn
 from micronet_jax import slide as wsi_slide
-from micronet_jax.data import augment, resample
-from micronet_jax.data.readers import DataError, read_image
+from micronet_jax.data import resample
+from micronet_jax.inputs import standardize
+from micronet_jax.data.readers import IMAGE_EXTENSIONS, DataError, read_image
 from micronet_jax.models import MicroNet, build_model
 from micronet_jax.models.summary import abstract_variables
 
@@ -36,24 +37,6 @@ PAPER_RESULTS = {
     "testA": {"f1": 0.913, "object_dice": 0.906, "object_hausdorff": 49.15},
     "testB": {"f1": 0.724, "object_dice": 0.785, "object_hausdorff": 133.98},
 }
-IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg"}
-
-
-def jit_tile_forward(model: MicroNet) -> Callable[[Any, jax.Array], jax.Array]:
-    """The jitted tile forward (variables, tiles) -> main-head logits; the aux heads are training-only.
-
-    Weights are an argument, not a closure constant, so one compiled program serves every
-    checkpoint and every validation round of a run.
-    """
-    return jax.jit(lambda variables, tiles: model.apply(variables, tiles, train=False)["main"])
-
-
-def make_forward_fn(
-    model: MicroNet, variables: Any, compiled: Callable[[Any, jax.Array], jax.Array] | None = None
-) -> Callable[[np.ndarray], np.ndarray]:
-    """Binds weights to a tile forward (pass ``compiled`` from :func:`jit_tile_forward` to reuse it)."""
-    forward = compiled or jit_tile_forward(model)
-    return lambda tiles: np.asarray(forward(variables, jnp.asarray(tiles, jnp.float32)))
 
 
 def predict_probabilities(
@@ -75,7 +58,7 @@ def predict_probabilities(
         stitch=str(eval_config.stitch),
         tile_batch=int(eval_config.tile_batch),
         tta=bool(eval_config.tta),
-        preprocess=augment.standardize,
+        preprocess=standardize,
     )
     return resample.resize_probabilities(prob, image.shape[:2])
 
@@ -244,11 +227,11 @@ def list_images(folder: str) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"--input folder does not exist: {root}")
     files = sorted(
-        (p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_anno")),
+        (p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.endswith("_anno")),
         key=lambda p: p.name,
     )
     if not files:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in --input folder {root}")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in --input folder {root}")
     return files
 
 
@@ -256,13 +239,13 @@ def split_inputs(input_path: str) -> tuple[list[Path], list[Path]]:
     """(ordinary images, whole slides) of ``--input``: a folder of either or both, or one file."""
     p = Path(input_path)
     if p.is_file():
-        return ([], [p]) if wsi_slide.is_slide_file(p) or p.suffix.lower() not in IMAGE_SUFFIXES else ([p], [])
+        return ([], [p]) if wsi_slide.is_slide_file(p) or p.suffix.lower() not in IMAGE_EXTENSIONS else ([p], [])
     if not p.is_dir():
         raise DataError(f"--input does not exist: {p}")
     slide_files = sorted((q for q in p.iterdir() if q.is_file() and wsi_slide.is_slide_file(q)),
                          key=lambda q: q.name)
     images = [q for q in list_images(input_path)] if not slide_files else [
-        q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and not q.stem.endswith("_anno")
+        q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and not q.stem.endswith("_anno")
         and q not in slide_files]
     return sorted(images, key=lambda q: q.name), slide_files
 

@@ -19,27 +19,14 @@ Every config key is listed, with its default and reason, in micronet_jax/config.
 
 from __future__ import annotations
 
-import logging as pylogging
-import os
 import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-from micronet_jax.workdir import WorkdirInUseError
+from micronet_jax import cli
 
-# Errors that mean "the input or the config is wrong" (or training diverged, with the last good
-# checkpoint kept, or the workdir is taken): shown as one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, WorkdirInUseError)
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Path to a config file in configs/ (e.g. configs/default.py), optionally followed by ':ARG'. "
-    "Override any field with --config.section.key=value; unknown keys are an error.",
-    lock_config=True,
-)
+_CONFIG = cli.define_config_flag()
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["summary", "train", "evaluate", "predict", "tune"],
     "summary: layer table, FLOPs and memory; train: train/resume in --workdir; evaluate: GlaS metrics of a "
@@ -53,8 +40,8 @@ _WORKDIR = flags.DEFINE_string(
 )
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None,
-    "evaluate/predict: a workdir (its best checkpoint, else its latest) or one checkpoint step "
-    "folder. Defaults to --workdir.",
+    "evaluate/predict/tune: a workdir (its best checkpoint, else its latest), one checkpoint step "
+    "folder, or an ablation run folder (runs/<variant>/seed_<s>). Defaults to --workdir.",
 )
 _INPUT = flags.DEFINE_string(
     "input", None,
@@ -67,32 +54,11 @@ _OUTPUT = flags.DEFINE_string(
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """Parses flags, turning a bad config override or config file into one line that names it."""
+    argv = cli.with_fractions(argv)
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        _exit_with(_describe_flag_error(e, argv))
-
-
-def _describe_flag_error(error: BaseException, argv: list[str]) -> str:
-    """One readable line for a flag error; for a config override it names the offending key."""
-    chain = [error]
-    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    if isinstance(chain[-1], (AttributeError, KeyError)):
-        bad_key = str(chain[-1].args[0] if chain[-1].args else chain[-1]).strip("'\"")
-        hints = [str(e) for e in chain if "Did you mean" in str(e)]
-        hint = hints[0][hints[0].index("Did you mean"):].strip("'\"") if hints else ""
-        for arg in argv[1:]:
-            key = arg.split("=", 1)[0].lstrip("-")
-            if key.startswith("config.") and bad_key in key.split("."):
-                return f"unknown config key {key[len('config.'):]!r}. {hint}".strip()
-        return f"unknown config key {bad_key!r}. {hint}".strip()
-    return str(error)
-
-
-def _exit_with(message: str) -> None:
-    print(f"error: {message}\nRun with --help to see the flags.", file=sys.stderr)
-    sys.exit(2)
+        cli.exit_with(cli.describe_flag_error(e, argv))
 
 
 def main(argv: list[str]) -> None:
@@ -102,23 +68,15 @@ def main(argv: list[str]) -> None:
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/default.py")
     try:
-        platform = config.platform
+        config.get("platform")
     except OSError as e:  # ml_collections defers a failed config-file load to first access.
-        _exit_with(f"could not load --config: {str(e).splitlines()[-1].strip()}")
-    try:
-        _run_mode(config, platform)
-    except USER_ERRORS as e:
-        if os.environ.get("MICRONET_DEBUG"):
-            raise
-        _exit_with(f"{e}\n(set MICRONET_DEBUG=1 to see the traceback)")
+        cli.exit_with(f"could not load --config: {str(e).splitlines()[-1].strip()}")
+    cli.use_platform(config)
+    cli.run_guarded(_run_mode, config)
 
 
-def _run_mode(config, platform: str | None) -> None:
+def _run_mode(config) -> None:
     """Dispatches on --mode; errors caused by bad input surface as one message (see main)."""
-    if platform:
-        # Must happen before JAX initialises a backend.
-        os.environ["JAX_PLATFORMS"] = platform
-
     if _MODE.value == "summary":
         from micronet_jax.models import build_model
         from micronet_jax.models.summary import format_summary
@@ -156,10 +114,7 @@ def _run_mode(config, platform: str | None) -> None:
 
 def run() -> None:
     """Console entry point."""
-    # Libraries (orbax, JAX's backend probing, grain) log through absl at INFO in great detail;
-    # show their warnings only, and this package's own progress at INFO.
-    logging.set_verbosity(logging.WARNING)
-    pylogging.getLogger("micronet_jax").setLevel(pylogging.INFO)
+    cli.setup_logging()
     app.run(main, flags_parser=_parse_flags)
 
 

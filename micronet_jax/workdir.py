@@ -1,6 +1,7 @@
 """The run directory: one training run at a time, and what a resumed run may change.
 
-Two guards that run before a training run touches anything in its workdir:
+Two guards that run before a training run touches anything in its workdir (the trainer calls
+:func:`lock_for_run` and :func:`check_resume`):
 
 * :class:`WorkdirLock`: a job submitted twice would otherwise train two copies into one workdir,
   each overwriting the other's checkpoints and logs. The lock is an ``flock`` on ``WORKDIR/run.lock``,
@@ -13,6 +14,7 @@ Two guards that run before a training run touches anything in its workdir:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -21,6 +23,8 @@ import os
 import socket
 import time
 from typing import Any
+
+import ml_collections
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +165,59 @@ def resume_changes(
         else:
             allowed.append(line)
     return refused, allowed
+
+
+# ------------------------------------------------------------------------------ the two guards
+
+
+def lock_for_run(workdir: str, guards: contextlib.ExitStack) -> None:
+    """Process 0 takes the lock; the others learn whether it could (one collective at start-up), so a
+    refused multi-host run stops on every process instead of waiting for process 0 forever."""
+    import jax  # Here, not at the top: the command line imports this module before JAX_PLATFORMS is set.
+    import numpy as np
+
+    error: Exception | None = None
+    if jax.process_index() == 0:
+        try:
+            guards.enter_context(WorkdirLock(workdir))
+        except WorkdirInUseError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not locked and error is None:
+            error = WorkdirInUseError(f"workdir {workdir} is in use by another run "
+                                      "(see the message of process 0)")
+    if error is not None:
+        raise error
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, ckpt_dir: str) -> None:
+    """Refuses a resume whose model or optimizer differs from the saved run; logs other changes."""
+    from micronet_jax import checkpointing  # Imports JAX; see lock_for_run.
+
+    saved = None
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        for step in checkpointing.step_folders(ckpt_dir):  # config.json lost: ask the checkpoints.
+            try:
+                saved = checkpointing.read_config(ckpt_dir, step)
+                break
+            except Exception:  # noqa: BLE001 - damaged; the restore below names it.
+                continue
+    if saved is None:
+        logger.warning("no readable saved config in %s: resuming without comparing configs", workdir)
+        return
+    refused, allowed = resume_changes(saved, json.loads(config.to_json_best_effort()))
+    if refused:
+        raise ValueError(
+            f"cannot resume {workdir}: it was trained with a different model or optimizer ("
+            + "; ".join(refused)
+            + f"). Resume with the saved values (they are in {os.path.join(workdir, 'config.json')}) "
+            "or train into a new --workdir. The checkpoints were not touched."
+        )
+    if allowed:
+        logger.info("resuming %s with changed config keys: %s", workdir, "; ".join(allowed))

@@ -115,7 +115,7 @@ def _tissue_checker(mask: np.ndarray, mask_k: float, grid_k: float) -> Callable[
 
 
 def _standardize(image: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """``augment.standardize`` with the slide's statistics instead of the region's."""
+    """``inputs.standardize`` with the slide's statistics instead of the region's."""
     scale = 1.0 / (255.0 * std)
     out = image.astype(np.float32)
     out *= np.float32(scale)

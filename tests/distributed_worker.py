@@ -58,7 +58,7 @@ def sample_hash(image: Any) -> str:
 
 
 def _compile_then_barrier(compile_train_step: Callable[..., Any]) -> Callable[..., Any]:
-    """Wraps ``train.compile_train_step`` so every process compiles first, then waits for the others.
+    """Wraps ``core.compile_train_step`` so every process compiles first, then waits for the others.
 
     Why: on CPU the step's gradient all-reduce goes through gloo, whose TCP pairs are set up at the
     first collective with a fixed ~30 s connect timeout. On a busy 2-core machine one process can
@@ -111,7 +111,7 @@ def main() -> None:
         config.distributed.num_processes = args.num_processes
         config.distributed.process_id = args.process_id
 
-    from micronet_jax import train
+    from micronet_jax import core, train
     from micronet_jax.data import pipeline
 
     consumed: list[list[str]] = []
@@ -131,7 +131,7 @@ def main() -> None:
         return original(*a, **kw).map(record)
 
     pipeline.make_train_dataset = recording_dataset
-    train.compile_train_step = _compile_then_barrier(train.compile_train_step)
+    core.compile_train_step = _compile_then_barrier(core.compile_train_step)
     result = train.train_and_evaluate(config, args.workdir)
 
     import jax

@@ -6,6 +6,7 @@ test then reuses those (same config, same process) and adds only the plain singl
 """
 
 import csv
+import functools
 import json
 
 import chex
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from micronet_jax import ablation, train
+from micronet_jax import ablation, reporting, train
 from micronet_jax.data.pipeline import make_train_dataset
 
 # Width 1/64 on 3 small synthetic images; 2 steps of batch 2 per seed.
@@ -53,7 +54,7 @@ def test_sweep_writes_reports_and_rerun_skips_finished_runs(sweep):
     with open(workdir / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 6
-    assert set(ablation.CSV_COLUMNS) == set(table[0])
+    assert set(reporting.CSV_COLUMNS) == set(table[0])
     for row in table:
         assert int(row["steps"]) == STEPS
         assert np.isfinite(float(row["final_train_loss"]))
@@ -61,8 +62,8 @@ def test_sweep_writes_reports_and_rerun_skips_finished_runs(sweep):
     # The table's metrics are those of the saved weights: evaluate baseline seed 0 again.
     config = ablation.load_ablation_module().variant_config("baseline", "cpu", TINY)
     again = ablation.evaluate_variables(
-        config, ablation.restore_variables(ablation.run_dir(workdir, "baseline", 0)),
-        train._validation_examples(config))["summary"]
+        config, ablation.restore_variables(ablation.run_dir(workdir, "baseline", 0), config),
+        train.validation_examples(config))["summary"]
     row0 = next(r for r in table if r["variant"] == "baseline" and int(r["seed"]) == 0)
     for key in ("f1", "pixel_dice"):
         assert float(row0[key]) == pytest.approx(float(again[key]), rel=1e-6), key
@@ -74,12 +75,12 @@ def test_sweep_writes_reports_and_rerun_skips_finished_runs(sweep):
     for s in SEEDS:
         assert by[("pp_min100", s)]["weights_from"] == "baseline" and by[("pp_min100", s)]["eval_only"]
         assert by[("pp_min100", s)]["final_train_loss"] == by[("baseline", s)]["final_train_loss"]
-    assert not ablation.run_dir(workdir, "pp_min100", 0).joinpath("params.msgpack").exists()
+    assert not ablation.run_dir(workdir, "pp_min100", 0).joinpath("checkpoints").exists()
     assert (workdir / "results.png").stat().st_size > 5000
     for v in ("baseline", "no_weight_map"):
         for s in SEEDS:
             d = ablation.run_dir(workdir, v, s)
-            assert (d / "result.json").exists() and (d / "params.msgpack").exists()
+            assert (d / "result.json").exists() and (d / "checkpoints").is_dir()
     # The two data streams of one variant differ, so its seeds are really different runs.
     r0, r1 = (json.loads((ablation.run_dir(workdir, "baseline", s) / "train.json").read_text())
               for s in SEEDS)
@@ -113,10 +114,9 @@ def test_vmapped_seeds_match_seeds_trained_alone(sweep):
     vmapped, records = ablation.train_seeds(config, SEEDS, vmap_seeds=True)
 
     # The reference: the trainer's pure pieces, one seed at a time, each seed's own data stream.
-    programs = ablation._programs(config)
-    model, tx = programs.model, programs.tx
-    step = jax.jit(programs.step_fn)
-    init = jax.jit(ablation.make_seed_init(model, tx))
+    setup = ablation._programs(config).setup
+    step = jax.jit(setup.step_fn)
+    init = jax.jit(setup.init_fn)
     source = ablation._train_source(config)
     alone = []
     for seed in SEEDS:
@@ -135,12 +135,12 @@ def test_vmapped_seeds_match_seeds_trained_alone(sweep):
     a = jax.tree.leaves(vmapped[0]["params"])
     b = jax.tree.leaves(vmapped[1]["params"])
     assert any(not np.allclose(x, y) for x, y in zip(a, b))
-    # make_seed_init's traced seed builds exactly the trainer's initial state for that seed.
+    # The init with a traced seed builds exactly the trainer's initial state for that seed.
     traced = jax.device_get(init(jnp.int32(1)).params)
-    constant = jax.device_get(jax.jit(train.init_state(model, tx, 1))().params)
+    constant = jax.device_get(jax.jit(functools.partial(setup.init_fn, 1))().params)
     jax.tree.map(np.testing.assert_array_equal, traced, constant)
     # And the sweep's saved weights of seed 0 are the ones this training reproduces.
-    saved = ablation.restore_variables(ablation.run_dir(sweep[0], "baseline", 0))
+    saved = ablation.restore_variables(ablation.run_dir(sweep[0], "baseline", 0), config)
     chex.assert_trees_all_close(saved["params"], vmapped[0]["params"], rtol=1e-5, atol=1e-6)
 
 
@@ -164,5 +164,27 @@ def test_variant_configs_change_only_their_keys():
     assert abl.is_eval_only("tta") and abl.is_eval_only("pp_min500") and not abl.is_eval_only("minus")
     with pytest.raises(KeyError, match="model.widht"):
         abl.variant_config("baseline", "cpu", {"model.widht": 0.5})
-    assert ablation.parse_config_overrides(["--config.model.width=1/64", "--config.train.aux_loss=false"]) == {
-        "model.width": 1 / 64, "train.aux_loss": False}
+    base = str(ablation.DEFAULT_VARIANTS_FILE.parent / "default.py")
+    assert ablation.config_overrides(["--config.model.width=1/64", "--config.train.aux_loss=false"],
+                                     base) == {"model.width": 1 / 64, "train.aux_loss": False}
+
+
+def test_an_ablation_seed_is_evaluated_with_mode_evaluate(sweep, tmp_path):
+    """One weight format: a trained seed's folder is a --checkpoint like any workdir."""
+    from conftest import run_main
+
+    workdir, rows = sweep
+    overrides = [f"--config.{k}={v}" for k, v in {**TINY, "train.max_steps": STEPS}.items()]
+    run_main("--config", "configs/ablations.py:baseline", *overrides, "--mode=evaluate",
+             f"--checkpoint={ablation.run_dir(workdir, 'baseline', 0)}", f"--output={tmp_path}")
+    report = json.loads((tmp_path / "report.json").read_text())
+    row0 = next(r for r in rows if r["variant"] == "baseline" and r["seed"] == 0)
+    for key in ("f1", "pixel_dice"):
+        assert float(report["metrics"][key]) == pytest.approx(float(row0[key]), rel=1e-6), key
+
+
+def test_cli_unknown_config_key_is_the_message_of_main(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--workdir", "unused", "--config.model.widht=0.5"])
+    assert exit_info.value.code == 2
+    assert "unknown config key 'model.widht'" in capsys.readouterr().err

@@ -152,19 +152,6 @@ def test_blur_smooths_image():
     assert out[10, 10, 0] < 255 and out[10, 12, 0] > 0 and out.dtype == np.uint8
 
 
-def test_standardize():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    x = A.standardize(image)
-    assert x.dtype == np.float32 and x.shape == image.shape
-    assert abs(float(x.mean())) < 1e-5 and float(x.std()) == pytest.approx(1.0, abs=1e-4)
-    const = A.standardize(np.full((8, 8, 3), 77, np.uint8))
-    assert np.isfinite(const).all() and np.allclose(const, 0.0)
-    batch = A.standardize(np.stack([image, image[::-1] // 2]))
-    np.testing.assert_allclose(batch[0], x, atol=1e-6)
-    np.testing.assert_allclose(batch[1], A.standardize(image[::-1] // 2), atol=1e-6)
-
-
 def test_warp_matches_scipy_map_coordinates():
     from scipy import ndimage
 

@@ -13,20 +13,24 @@ from pathlib import Path
 import pytest
 
 from micronet_jax import benchmark
+from micronet_jax.config import parse_value
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
 
 
-def test_parse_value_and_overrides():
-    assert benchmark.parse_value("1/64") == pytest.approx(1 / 64)
-    assert benchmark.parse_value("0.5") == 0.5
-    assert benchmark.parse_value("false") is False
-    assert benchmark.parse_value("bfloat16") == "bfloat16"
-    c = benchmark.load_config(CONFIG)
-    benchmark.apply_override(c, "model.width=1/32")
+def test_parse_value_and_overrides(capsys):
+    assert parse_value("1/64") == pytest.approx(1 / 64)
+    assert parse_value("0.5") == 0.5
+    assert parse_value("false") is False
+    assert parse_value("bfloat16") == "bfloat16"
+    _, c = benchmark.parse_args(["--config", CONFIG, "--config.model.width=1/32"])
     assert c.model.width == pytest.approx(1 / 32)
-    with pytest.raises(SystemExit, match="model.widht"):
-        benchmark.apply_override(c, "model.widht=1")
+    _, c = benchmark.parse_args(["--config", CONFIG, "--set", "model.width=1/32"])  # deprecated alias
+    assert c.model.width == pytest.approx(1 / 32)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--config", CONFIG, "--config.model.widht=1"])
+    assert "unknown config key 'model.widht'" in capsys.readouterr().err  # As micronet_jax.main says.
 
 
 def test_help_mentions_the_main_options(capsys):
@@ -42,7 +46,7 @@ def test_help_mentions_the_main_options(capsys):
 def test_benchmark_runs_on_cpu_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = benchmark.main([
-        "--config", CONFIG, "--set", "model.width=1/64", "--set", "model.dropout=0.0",
+        "--config", CONFIG, "--config.model.width=1/64", "--config.model.dropout=0.0",
         "--batch", "4", "--dtype", "float32", "--remat", "false",
         "--steps", "2", "--warmup", "1", "--images", "1", "--json", str(out),
     ])

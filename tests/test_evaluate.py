@@ -9,7 +9,7 @@ import pytest
 from conftest import load_config, run_main
 from PIL import Image
 
-from micronet_jax import evaluate, metrics
+from micronet_jax import core, evaluate, metrics
 from micronet_jax.data import load_split, make_synthetic_glands
 from micronet_jax.data.synthetic import write_glas_layout
 
@@ -147,11 +147,11 @@ def test_tta_with_the_real_model_is_the_mean_over_the_eight_transforms(trained):
     import jax
 
     from micronet_jax import infer
-    from micronet_jax.data import augment
+    from micronet_jax import inputs
 
     config = load_config("default", "tiny")
     model, variables, _ = evaluate.load_for_inference(config, str(trained))
-    forward = evaluate.make_forward_fn(model, variables)
+    forward = core.make_forward_fn(model, variables)
     margin = int(config.eval.margin)
     image = make_synthetic_glands(1, 508 - 2 * margin, 508 - 2 * margin, seed=3)[0].image
     config.eval.tta = True
@@ -160,7 +160,7 @@ def test_tta_with_the_real_model_is_the_mean_over_the_eight_transforms(trained):
     plain = evaluate.predict_probabilities(forward, image, config.eval, model.variant)
 
     # Each tile is standardised on its own (as training standardises each crop).
-    tile = augment.standardize(
+    tile = inputs.standardize(
         np.pad(image, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
     )[None].astype(np.float32)
     by_hand = np.mean([

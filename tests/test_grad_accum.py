@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from micronet_jax import benchmark
-from micronet_jax.train import Trainer
+from micronet_jax.config import load_config_file
+from micronet_jax.core import Trainer
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
 BATCH = 4
@@ -31,7 +32,7 @@ BATCH = 4
 
 def small_config(grad_accum_steps: int):
     """configs/default.py at width 1/64, fp32, no dropout, batch 4 (same as test_benchmark's run)."""
-    c = benchmark.load_config(CONFIG)
+    c = load_config_file(CONFIG)
     c.model.width = 1 / 64
     c.model.dropout = 0.0
     c.model.dtype = "float32"

@@ -240,7 +240,7 @@ def test_each_tile_is_standardised_like_a_training_crop():
     """Training standardises each crop; inference must standardise each tile, not the whole image."""
     from micronet_jax import evaluate, infer
     from micronet_jax.config import base_config
-    from micronet_jax.data.augment import standardize
+    from micronet_jax.inputs import standardize
     from micronet_jax.data.synthetic import make_synthetic_glands
 
     image = make_synthetic_glands(1, height=522, width=775, seed=4)[0].image

@@ -5,6 +5,7 @@ Small images (160x200, patch 128, crop 96) keep every test fast on a 2-core mach
 
 import types
 
+import grain
 import numpy as np
 import pytest
 
@@ -100,14 +101,14 @@ def test_orbax_checkpoint_manager_round_trip(examples, data_config, tmp_path):
     for _ in range(3):
         next(it)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-        mngr.save(3, args=ocp.args.Composite(data_iter=pipeline.checkpoint_save_arg(it)))
+        mngr.save(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
     expected = [{k: np.array(v) for k, v in next(it).items()} for _ in range(2)]
 
     fresh = iter(make_train_dataset(examples, data_config, global_batch_size=2, seed=3))
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         assert mngr.latest_step() == 3
-        mngr.restore(3, args=ocp.args.Composite(data_iter=pipeline.checkpoint_restore_arg(fresh)))
+        mngr.restore(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
     _assert_batches_equal([{k: np.array(v) for k, v in next(fresh).items()} for _ in range(2)], expected)
 
 

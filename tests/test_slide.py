@@ -231,8 +231,7 @@ def checkpoint(tmp_path_factory):
     variables = jax.jit(lambda k: model.init(k, np.zeros((1, 508, 508, 3), np.float32), train=False))(
         jax.random.PRNGKey(0))
     manager = checkpointing.make_manager(str(workdir))
-    checkpointing.save(manager, 0, variables=variables, opt={"unused": np.zeros(1)}, data_iter=None,
-                       config=config, val_f1=None)
+    checkpointing.save_weights(manager, 0, variables, config=config)
     manager.wait_until_finished()
     manager.close()
     return workdir
@@ -256,11 +255,11 @@ def test_cli_predicts_a_slide_with_a_real_model(checkpoint, tmp_path):
     assert all(shape(f["geometry"]).is_valid for f in gj["features"])
     assert len(gj["features"]) == summary["glands"] == len(list(csv.DictReader(open(res / "glands.csv"))))
 
-    from micronet_jax import evaluate
+    from micronet_jax import core, evaluate
 
     config = load_config("default", "tiny")
     model, variables, _ = evaluate.load_for_inference(config, str(checkpoint))
-    forward = evaluate.make_forward_fn(model, variables)
+    forward = core.make_forward_fn(model, variables)
     m, s = summary["normalization"]["mean"], summary["normalization"]["std"]
     x = (synth.region(0, 0, 1400, 1700).astype(np.float32) / 255 - m) / s
     prob = infer.tiled_predict(forward, x, tile=508, margin=64, tile_batch=int(config.eval.tile_batch))[..., 1]

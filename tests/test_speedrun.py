@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_config
 
-from micronet_jax import losses, train
+from micronet_jax import core, losses, optim
 from micronet_jax.config import base_config
 from micronet_jax.tools import speedrun_summary as ss
 from micronet_jax.workdir import flatten
@@ -36,7 +36,7 @@ def test_aux_epochs_default_is_the_papers_epoch():
     assert c.train.aux_epochs is None
     assert losses.aux_steps_per_epoch(c.train, steps_per_epoch=1062, total_steps=26550) == 1062
     glas = load_config("glas_508")
-    assert train.aux_steps_per_epoch(glas) == train.steps_per_epoch(glas) == 1062
+    assert core.aux_steps_per_epoch(glas) == core.steps_per_epoch(glas) == 1062
 
 
 def test_aux_epochs_spreads_one_over_epoch_across_the_run():
@@ -69,18 +69,18 @@ def glas_speedrun_module():
 
 
 def _lr(config):
-    return losses.learning_rate_schedule(config.train, train.steps_per_epoch(config), train.total_steps(config))
+    return optim.learning_rate_schedule(config.train, core.steps_per_epoch(config), core.total_steps(config))
 
 
 def test_speedrun_config_is_the_fixed_budget_recipe():
     c = load_config("glas_speedrun")
     assert c.model.width == 1.0 and c.model.variant == 508 and c.model.dtype == "bfloat16"
     assert c.train.batch_size == 8 and c.data.source == "glas" and c.data.split_by == "patient"
-    steps = train.total_steps(c)
+    steps = core.total_steps(c)
     assert steps * c.train.batch_size == 48_000 and steps == 6000
     assert c.train.warmup_steps == 0 and c.train.schedule == "paper" and c.train.aux_epochs is None
-    assert c.train.epochs == 6 and train.steps_per_epoch(c) == 1000
-    assert train.aux_steps_per_epoch(c) == 1000  # 1/epoch over the 6 epochs of the run.
+    assert c.train.epochs == 6 and core.steps_per_epoch(c) == 1000
+    assert core.aux_steps_per_epoch(c) == 1000  # 1/epoch over the 6 epochs of the run.
     assert c.train.time_limit_seconds == 540 and c.data.num_workers == 8
     assert c.train.eval_every == 0 and c.train.checkpoint_every == steps
     # The paper's lr0*10^(-epoch/5), per epoch, compressed into the 6 epochs of the budget.
@@ -91,10 +91,10 @@ def test_speedrun_config_is_the_fixed_budget_recipe():
 
 def test_cosine_alternative_warms_up_and_ends_at_zero():
     c = load_config("glas_speedrun")
-    steps = train.total_steps(c)
+    steps = core.total_steps(c)
     glas_speedrun_module().speedrun_cosine_schedule(c, steps)
     assert c.train.warmup_steps == 300 == round(0.05 * steps)
-    assert train.aux_steps_per_epoch(c) == 240  # 25 aux epochs over the run.
+    assert core.aux_steps_per_epoch(c) == 240  # 25 aux epochs over the run.
     lr = _lr(c)
     assert float(lr(0)) == 0.0
     assert float(lr(150)) == pytest.approx(5e-4, rel=1e-6)  # Linear warm-up.
@@ -111,7 +111,7 @@ def test_speedrun_config_traces_at_full_width():
     import jax.numpy as jnp
 
     c = load_config("glas_speedrun")
-    trainer = train.Trainer(c)
+    trainer = core.Trainer(c)
     n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
     assert n_params == 457_038_472
     b, v = c.train.batch_size, c.model.variant
@@ -128,8 +128,8 @@ def test_cpu_variant_differs_from_glas_cpu_only_in_the_schedule():
     changed = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert changed == {"train.schedule": ("paper", "cosine"), "train.warmup_steps": (0, 30),
                        "train.aux_epochs": (None, 25)}
-    assert train.total_steps(cpu) == train.total_steps(base) == 600  # Equal budget: 1,200 patches.
-    assert train.aux_steps_per_epoch(cpu) == 24 and train.aux_steps_per_epoch(base) == 100
+    assert core.total_steps(cpu) == core.total_steps(base) == 600  # Equal budget: 1,200 patches.
+    assert core.aux_steps_per_epoch(cpu) == 24 and core.aux_steps_per_epoch(base) == 100
     lr = _lr(cpu)
     assert float(lr(30)) == pytest.approx(cpu.train.learning_rate)
     assert float(lr(600)) == pytest.approx(0.0, abs=1e-12)
@@ -138,7 +138,7 @@ def test_cpu_variant_differs_from_glas_cpu_only_in_the_schedule():
 def test_smoke_variant_and_bad_argument():
     c = load_config("glas_speedrun", "smoke")
     assert c.platform == "cpu" and c.data.source == "synthetic" and c.model.dtype == "float32"
-    assert c.model.width == 1 / 64 and train.total_steps(c) == 8 and c.train.schedule == "paper"
+    assert c.model.width == 1 / 64 and core.total_steps(c) == 8 and c.train.schedule == "paper"
     assert c.train.aux_epochs is None and c.eval.max_images == 2
     with pytest.raises(ValueError, match="smoke"):
         load_config("glas_speedrun", "fast")

@@ -4,6 +4,7 @@ resampling by data.scale."""
 import numpy as np
 import pytest
 
+from micronet_jax.config import num_classes_for_target
 from micronet_jax.data import resample, targets
 from micronet_jax.data.synthetic import make_synthetic_glands
 from micronet_jax.data.weight_map import class_weight_map, unet_weight_map
@@ -39,7 +40,7 @@ def test_unknown_target_and_bad_width_name_the_key():
         targets.class_map(np.zeros((4, 4), int), "edges")
     with pytest.raises(ValueError, match="data.boundary_width=0"):
         targets.class_map(np.ones((4, 4), int), "contour", boundary_width=0)
-    assert targets.num_classes("binary") == 2 and targets.num_classes("contour") == 3
+    assert num_classes_for_target("binary") == 2 and num_classes_for_target("contour") == 3
 
 
 def test_three_class_balance_gives_every_class_the_same_total_weight():
@@ -126,14 +127,14 @@ def test_rescale_keeps_ids_and_probabilities_return_to_the_original_size():
 
 def test_contour_target_needs_three_classes_named_in_the_error():
     from micronet_jax.config import base_config
-    from micronet_jax.train import check_batch
+    from micronet_jax.core import check_config
 
     c = base_config()
     c.data.target = "contour"
     with pytest.raises(ValueError, match=r"model.num_classes=2 .*data.target='contour'.*num_classes=3"):
-        check_batch(c, 1)
+        check_config(c, 1)
     c.model.num_classes = 3
-    check_batch(c, 1)
+    check_config(c, 1)
 
 
 def test_sampler_emits_the_contour_classes_of_the_warped_crop():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY, load_config, restored_params, run_main
 
-from micronet_jax import checkpointing, train
+from micronet_jax import checkpointing, core, train
 from micronet_jax.data import DataError
 from micronet_jax.models import build_model
 from micronet_jax.models.summary import abstract_variables
@@ -172,7 +172,7 @@ def test_one_step_on_8_devices_equals_1_device(tmp_path):
 import jax, numpy as np, chex, sys
 sys.path.insert(0, "tests")
 from conftest import load_config
-from micronet_jax import train
+from micronet_jax import core
 assert jax.device_count() == 8, jax.devices()
 config = load_config("default", "tiny")
 config.train.batch_size = 8
@@ -182,9 +182,9 @@ batch = {"image": rng.normal(size=(8, 508, 508, 3)).astype(np.float32),
          "weight": rng.random((8, 508, 508)).astype(np.float32)}
 results = []
 for devices in (jax.devices(), jax.devices()[:1]):
-    t = train.Trainer(config, devices=devices)
+    t = core.Trainer(config, devices=devices)
     state = t.initial_state()
-    state, metrics = t.train_step(state, train.global_batch(batch, t.mesh))
+    state, metrics = t.train_step(state, core.global_batch(batch, t.mesh))
     results.append((jax.device_get(state.params), float(metrics["loss"]), float(metrics["grad_norm"])))
 # Adam is blind to the gradient's scale, so check that on the gradient norm itself.
 assert abs(results[0][1] - results[1][1]) < 1e-5, results
@@ -195,7 +195,7 @@ assert abs(results[0][2] - results[1][2]) < 1e-5 * results[1][2], results
 chex.assert_trees_all_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
 config.train.batch_size = 4
 try:
-    train.Trainer(config)
+    core.Trainer(config)
 except ValueError as e:
     assert "train.batch_size=4" in str(e) and "number of devices (8)" in str(e), e
 else:
@@ -245,14 +245,14 @@ def test_batch_not_divisible_by_accumulation_names_the_keys():
     config.train.batch_size = 3
     config.train.grad_accum_steps = 2
     with pytest.raises(ValueError, match=r"train.batch_size=3.*grad_accum_steps=2"):
-        train.Trainer(config)
+        core.Trainer(config)
 
 
 def test_paper_schedule_and_aux_weight():
-    from micronet_jax import losses
+    from micronet_jax import losses, optim
 
     config = load_config("glas_508")
-    schedule = losses.learning_rate_schedule(config.train, steps_per_epoch=10, total_steps=250)
+    schedule = optim.learning_rate_schedule(config.train, steps_per_epoch=10, total_steps=250)
     np.testing.assert_allclose(
         [float(schedule(s)) for s in (0, 9, 10, 50, 249)],
         [1e-3, 1e-3, 1e-3 * 10 ** -0.2, 1e-4, 1e-3 * 10 ** (-24 / 5)], rtol=1e-5,
@@ -322,7 +322,7 @@ def test_batch_norm_and_warmup_cosine_schedule_through_a_resume(tmp_path):
     assert s1 == s2 == 4 and set(straight) == {"params", "batch_stats"}
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
     # The statistics moved away from their initial values, so equality above is not trivial.
-    initial = jax.device_get(train.Trainer(config).initial_state().batch_stats)
+    initial = jax.device_get(core.Trainer(config).initial_state().batch_stats)
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), straight["batch_stats"], initial)
     assert all(jax.tree.leaves(moved))
 
@@ -389,13 +389,13 @@ def test_time_limit_stops_with_a_checkpoint_and_the_rerun_resumes(two_steps_in_p
 def test_train_step_makes_no_hidden_host_device_transfers():
     """With state and batch on the device, the jitted step must not copy anything implicitly."""
     config = load_config("default", "tiny")
-    trainer = train.Trainer(config)
+    trainer = core.Trainer(config)
     state = trainer.initial_state()
     rng = np.random.default_rng(0)
     local = {"image": rng.normal(size=(2, 508, 508, 3)).astype(np.float32),
              "label": (rng.random((2, 508, 508)) > 0.5).astype(np.int32),
              "weight": np.ones((2, 508, 508), np.float32)}
-    batch = train.global_batch(local, trainer.mesh)  # The one explicit transfer.
+    batch = core.global_batch(local, trainer.mesh)  # The one explicit transfer.
     with jax.transfer_guard("disallow"):
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready((state, metrics))
@@ -412,7 +412,7 @@ def test_full_width_train_step_lowers_with_the_analytic_flops(transpose_impl):
 
     config = load_config("glas_508")
     config.model.transpose_impl = transpose_impl
-    trainer = train.Trainer(config)
+    trainer = core.Trainer(config)
     b = config.train.batch_size
     batch = {
         "image": jax.ShapeDtypeStruct((b, 508, 508, 3), jnp.float32),

@@ -13,12 +13,16 @@ identically to all three; photometric ops touch the image only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from skimage.color import hed2rgb, rgb2hed
+
+from micronet_jax.config import config_value
+
+AUG = "data.augment"  # Where augment_example's keys (and their defaults) live in the config.
 
 PadMode = str | tuple[str, float]
 
@@ -256,45 +260,7 @@ def stain_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
-def standardize(image: np.ndarray) -> np.ndarray:
-    """/255 then per-image standardisation over all pixels and channels (spec §2 [TIA], §7.14).
-
-    ``(x - mean) / max(std, 1/sqrt(N))`` with N the number of values, like
-    ``tf.image.per_image_standardization``; the floor keeps a constant image finite (it maps to 0).
-    Accepts (H, W, C) or a batch (..., H, W, C) (each image separately); input is on the 0-255 scale.
-    Shared by training and inference so both see identically normalised inputs.
-    """
-    image = np.asarray(image)
-    if image.dtype == np.uint8 and image.ndim == 3:
-        # Exact moments from a 256-bin histogram: one integer pass instead of float mean + var passes.
-        counts = np.bincount(image.reshape(-1), minlength=256).astype(np.float64)
-        values = np.arange(256, dtype=np.float64) / 255.0
-        n = image.size
-        mean = float(counts @ values) / n
-        var = max(float(counts @ (values - mean) ** 2) / n, 0.0)
-        scale = 1.0 / (255.0 * max(np.sqrt(var), 1.0 / np.sqrt(n)))
-        # One fused affine pass: (x / 255 - mean) / denom == x * scale - mean * 255 * scale.
-        out = image.astype(np.float32)
-        out *= np.float32(scale)
-        out -= np.float32(mean * 255.0 * scale)
-        return out
-    x = image.astype(np.float32) / np.float32(255.0)
-    axes = (-3, -2, -1) if x.ndim >= 3 else tuple(range(x.ndim))
-    n = int(np.prod([x.shape[a] for a in axes]))
-    mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)
-    std = x.std(axis=axes, keepdims=True, dtype=np.float64)
-    denom = np.maximum(std, 1.0 / np.sqrt(n))
-    return ((x - mean) / denom).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------- composition
-
-
-def config_value(cfg: Any, key: str, default: Any = None) -> Any:
-    """Reads ``key`` from a ConfigDict, dataclass or plain mapping (the tests use dicts)."""
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
 
 
 def augment_example(
@@ -311,22 +277,22 @@ def augment_example(
     every decision from ``rng`` in that order) makes the result a pure function of the generator state.
     Returns C-contiguous arrays (uint8 image, label in its dtype, float32 weight).
     """
-    if config_value(aug_config, "enabled", True):
+    if config_value(aug_config, "enabled", AUG):
         arrays = [image, label, weight]
-        if config_value(aug_config, "flips", True):
+        if config_value(aug_config, "flips", AUG):
             arrays = random_flip(arrays, rng)
-        if config_value(aug_config, "rot90", True):
+        if config_value(aug_config, "rot90", AUG):
             arrays = random_rot90(arrays, rng)
         image, label, weight = arrays
-        max_k = float(config_value(aug_config, "distortion_max", 0.0))
-        if max_k > 0 and rng.random() < float(config_value(aug_config, "distortion_prob", 0.0)):
+        max_k = float(config_value(aug_config, "distortion_max", AUG))
+        if max_k > 0 and rng.random() < float(config_value(aug_config, "distortion_prob", AUG)):
             image, label, weight = random_radial_distortion(image, label, weight, max_k, rng)
-        if rng.random() < float(config_value(aug_config, "blur_prob", 0.0)):
+        if rng.random() < float(config_value(aug_config, "blur_prob", AUG)):
             sigma = rng.uniform(
-                float(config_value(aug_config, "blur_sigma_min", 0.2)), float(config_value(aug_config, "blur_sigma_max", 2.0))
+                float(config_value(aug_config, "blur_sigma_min", AUG)), float(config_value(aug_config, "blur_sigma_max", AUG))
             )
             image = gaussian_blur(image, float(sigma))
-        strength = float(config_value(aug_config, "stain_jitter", 0.0))
+        strength = float(config_value(aug_config, "stain_jitter", AUG))
         if strength > 0:
             image = stain_jitter(image, strength, rng)
     return (

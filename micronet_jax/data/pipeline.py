@@ -11,12 +11,12 @@ covers global sample indices ``s*B .. s*B + B - 1``; process p takes the contigu
 are exactly the single-process global batch, which is what ``jax.make_array_from_process_local_data``
 expects for a batch axis sharded over processes in order.
 
-Checkpointing the iterator with orbax (the trainer's ``CheckpointManager``)::
+Checkpointing the iterator with orbax (what :func:`micronet_jax.checkpointing.save_state` does)::
 
     mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(...), data_iter=checkpoint_save_arg(it)))
+        state=ocp.args.StandardSave(...), data_iter=grain.checkpoint.CheckpointSave(it)))
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(...), data_iter=checkpoint_restore_arg(it)))
+        state=ocp.args.StandardRestore(...), data_iter=grain.checkpoint.CheckpointRestore(it)))
     # ``it`` (a fresh iterator from the same make_train_dataset call) now continues where the saved
     # one stopped. Without orbax: ``state = it.get_state()`` (a small JSON-able dict), later
     # ``it.set_state(state)``.
@@ -35,7 +35,8 @@ import grain
 import numpy as np
 
 from micronet_jax.data import augment as aug_lib
-from micronet_jax.data.augment import config_value
+from micronet_jax.config import config_value
+from micronet_jax.inputs import standardize
 from micronet_jax.data import targets as targets_lib
 from micronet_jax.data import weight_map as wm_lib
 from micronet_jax.data.resample import rescale_examples
@@ -145,14 +146,22 @@ class TrainSource:
     @classmethod
     def from_config(cls, examples: Sequence[LabelledImage], data_config: Any) -> "TrainSource":
         """The source ``config.data`` describes (patch size, weight map, target, scale)."""
-        scale = float(config_value(data_config, "scale", 1.0))
+        scale = float(config_value(data_config, "scale", "data"))
         return cls(
             rescale_examples(examples, scale),
-            patch_size=int(config_value(data_config, "patch_size", 600)),
-            weight_map_config=config_value(data_config, "weight_map"),
-            target=str(config_value(data_config, "target", "binary")),
-            boundary_width=int(config_value(data_config, "boundary_width", 4)),
+            patch_size=int(config_value(data_config, "patch_size", "data")),
+            weight_map_config=config_value(data_config, "weight_map", "data"),
+            target=str(config_value(data_config, "target", "data")),
+            boundary_width=int(config_value(data_config, "boundary_width", "data")),
         )
+
+    @classmethod
+    def for_training(cls, data_config: Any) -> "TrainSource":
+        """The training split of ``config.data``, read and prepared: what the trainer and the
+        ablation runner train on."""
+        from micronet_jax.data.sources import load_split
+
+        return cls.from_config(load_split(data_config, "train"), data_config)
 
     def _weight_map(self, label: np.ndarray) -> np.ndarray:
         classes = None
@@ -214,7 +223,7 @@ class TrainSampler:
             weight = arrays[2]
         image, label, weight = aug_lib.augment_example(image, label, weight, self.augment_config, rng)
         return {
-            "image": aug_lib.standardize(image),
+            "image": standardize(image),
             # Classes from the warped instance ids (data.target); the ids stay out of the batch.
             "label": targets_lib.class_map(label, self.source.target, self.source.boundary_width),
             "weight": np.ascontiguousarray(weight, dtype=np.float32),
@@ -263,7 +272,7 @@ def make_train_dataset(
     Returns:
       A ``grain.IterDataset``; ``iter()`` gives batches ``{"image": float32 (b,c,c,3),
       "label": int32 (b,c,c) in {0,1}, "weight": float32 (b,c,c)}`` with b = global/process_count.
-      Its iterator supports ``get_state()``/``set_state()`` and :func:`checkpoint_save_arg`.
+      Its iterator supports ``get_state()``/``set_state()`` and ``grain.checkpoint.CheckpointSave``.
     """
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"invalid process_index={process_index} / process_count={process_count}")
@@ -277,8 +286,8 @@ def make_train_dataset(
         source = examples
     else:
         source = TrainSource.from_config(examples, data_config)
-    crop = int(crop_size if crop_size is not None else config_value(data_config, "crop_size", 508))
-    sampler = TrainSampler(source, seed=seed, crop_size=crop, augment_config=config_value(data_config, "augment"))
+    crop = int(crop_size if crop_size is not None else config_value(data_config, "crop_size", "data"))
+    sampler = TrainSampler(source, seed=seed, crop_size=crop, augment_config=config_value(data_config, "augment", "data"))
 
     ds = grain.MapDataset.range(_MAX_STEPS * local_batch)
     ds = ds.map(_LocalToGlobal(sampler, local_batch, global_batch_size, process_index))
@@ -286,7 +295,7 @@ def make_train_dataset(
     # Batches are built whole inside one thread/worker; prefetch a couple, not grain's default 500.
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, 2 * read_threads))
     it_ds = ds.to_iter_dataset(read_options)
-    num_workers = int(config_value(data_config, "num_workers", 0) or 0)
+    num_workers = int(config_value(data_config, "num_workers", "data") or 0)
     if num_workers > 0:
         _ensure_absl_flags_parsed()
         # Worker w computes batches w, w + W, ...; grain interleaves them back in order, and each batch
@@ -303,14 +312,3 @@ def _ensure_absl_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-def checkpoint_save_arg(iterator: Any) -> Any:
-    """The orbax ``Composite`` item that saves a grain iterator's state (item name "data_iter")."""
-    return grain.checkpoint.CheckpointSave(iterator)
-
-
-def checkpoint_restore_arg(iterator: Any) -> Any:
-    """The orbax ``Composite`` item that restores into ``iterator`` (a fresh iterator of the same
-    dataset); after ``restore`` it yields exactly what the saved iterator would have yielded next."""
-    return grain.checkpoint.CheckpointRestore(iterator)

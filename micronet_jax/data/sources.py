@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from micronet_jax.data.augment import config_value
+from micronet_jax.config import config_value
 from micronet_jax.data.readers import DataError, Example, load_folder, load_glas, split_train_val
 from micronet_jax.data.synthetic import make_synthetic_glands
 
@@ -44,7 +44,7 @@ def _synthetic(data_config: Any, split: str) -> list[Example]:
         width=int(data_config.synthetic_width),
         seed=seed,
         name_prefix=f"synthetic_{split}",
-        touch_prob=float(config_value(data_config, "synthetic_touch_prob", 0.4)),
+        touch_prob=float(config_value(data_config, "synthetic_touch_prob", "data")),
     )
 
 
@@ -76,7 +76,7 @@ def load_split(data_config: Any, split: str) -> list[Example]:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     source = str(data_config.source)
-    root = config_value(data_config, "root")
+    root = config_value(data_config, "root", "data")
     if source == "synthetic":
         examples = _synthetic(data_config, split)
         where = "synthetic data"

@@ -17,19 +17,9 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
-TARGETS = ("binary", "contour")
+from micronet_jax.config import check_target  # data.target's values and classes live in config.py
+
 BACKGROUND, GLAND, BOUNDARY = 0, 1, 2
-
-
-def num_classes(target: str) -> int:
-    """Output classes the model needs for ``data.target``."""
-    check_target(target)
-    return 2 if target == "binary" else 3
-
-
-def check_target(target: str) -> None:
-    if target not in TARGETS:
-        raise ValueError(f"config data.target={target!r} is not one of {TARGETS}")
 
 
 def boundary_band(label: np.ndarray, width: int) -> np.ndarray:

@@ -89,7 +89,7 @@ def read_stages(path: str) -> list[dict[str, Any]]:
 
 
 def planned_steps(config: dict[str, Any]) -> int:
-    """``train.total_steps`` from a saved config.json (the same arithmetic as the trainer)."""
+    """``core.total_steps`` from a saved config.json (the same arithmetic as the trainer)."""
     t = config["train"]
     steps = max(1, int(t["patches_per_epoch"]) // int(t["batch_size"])) * int(t["epochs"])
     if t.get("max_steps") is not None:

@@ -1,0 +1,138 @@
+"""One command-line style for every entry point (``main``, ``ablation``, ``benchmark``).
+
+* ``--config FILE[:ARG]`` and ``--config.section.key=value`` go through ``ml_collections.config_flags``;
+  an unknown key is one line naming it, with absl's did-you-mean hint; a value written as a fraction
+  (``--config.model.width=1/64``) is read as that float.
+* The platform: ``config.platform``, when set, becomes ``JAX_PLATFORMS`` before JAX picks a backend
+  (:func:`use_platform`); otherwise the environment decides.
+* Errors caused by the input or the config (:data:`USER_ERRORS`) end in one line and exit status 2;
+  ``MICRONET_DEBUG=1`` shows the traceback instead (:func:`run_guarded`).
+* Logging: the package logs at INFO, libraries (orbax, JAX, grain) at WARNING (:func:`setup_logging`).
+
+``main`` parses everything with absl; the ablation runner and the benchmark keep their own flags in
+argparse and hand ``--config`` and its overrides to :func:`parse_config`, which uses the same parser.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+import ml_collections
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from micronet_jax.config import parse_value
+from micronet_jax.workdir import WorkdirInUseError
+
+# Errors that mean "the input or the config is wrong" (or training diverged, with the last good
+# checkpoint kept, or the workdir is taken): shown as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, WorkdirInUseError)
+CONFIG_HELP = ("Path to a config file in configs/ (e.g. configs/default.py), optionally followed by "
+               "':ARG'. Override any field with --config.section.key=value; unknown keys are an error.")
+_FRACTION = re.compile(r"^(--?config\.[^=]+)=(\d+(\.\d*)?/\d+(\.\d*)?)$")
+
+
+def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS, default: str | None = None,
+                       sys_argv: list[str] | None = None) -> flags.FlagHolder:
+    return config_flags.DEFINE_config_file("config", default, CONFIG_HELP, flag_values=flag_values,
+                                           lock_config=True, sys_argv=sys_argv)
+
+
+def with_fractions(argv: Sequence[str]) -> list[str]:
+    """``--config.k=1/64`` -> ``--config.k=0.015625``: reduced widths are naturally fractions."""
+    out = []
+    for arg in argv:
+        m = _FRACTION.match(arg)
+        out.append(f"{m.group(1)}={parse_value(m.group(2))!r}" if m else arg)
+    return out
+
+
+def parse_config(argv: Sequence[str], default: str | None = None) -> ml_collections.ConfigDict:
+    """The config that ``--config FILE[:ARG]`` (else ``default``) and the ``--config.*`` overrides in
+    ``argv`` describe; anything else in ``argv`` is an error. Bad input exits with one line."""
+    args = ["prog", *with_fractions(argv)]
+    values = flags.FlagValues()
+    holder = define_config_flag(values, default, sys_argv=args)
+    try:
+        values(args)
+        config = holder.value
+        if config is None:
+            exit_with("--config is required, e.g. --config configs/default.py")
+        config.get("platform")  # ml_collections defers a failed config-file load to first access.
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        exit_with(describe_flag_error(e, args))
+    return config
+
+
+def overridden(argv: Sequence[str], config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``{"a.b": value}`` for each ``--config.a.b=...`` in ``argv``, as parsed into ``config``."""
+    keys = [a.lstrip("-").split("=", 1)[0][len("config."):] for a in argv
+            if re.match(r"^--?config\.", a)]
+    out = {}
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def describe_flag_error(error: BaseException, argv: Sequence[str]) -> str:
+    """One readable line for a flag error; for a config override it names the offending key."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if isinstance(chain[-1], OSError):
+        return f"could not load --config: {str(chain[-1]).splitlines()[-1].strip()}"
+    if isinstance(chain[-1], (AttributeError, KeyError)):
+        bad_key = str(chain[-1].args[0] if chain[-1].args else chain[-1]).strip("'\"")
+        hints = [str(e) for e in chain if "Did you mean" in str(e)]
+        hint = hints[0][hints[0].index("Did you mean"):].strip("'\"") if hints else ""
+        for arg in argv[1:]:
+            key = arg.split("=", 1)[0].lstrip("-")
+            if key.startswith("config.") and bad_key in key.split("."):
+                return f"unknown config key {key[len('config.'):]!r}. {hint}".strip()
+        return f"unknown config key {bad_key!r}. {hint}".strip()
+    return str(error)
+
+
+def exit_with(message: str) -> None:
+    print(f"error: {message}\nRun with --help to see the flags.", file=sys.stderr)
+    sys.exit(2)
+
+
+def use_platform(config: ml_collections.ConfigDict) -> None:
+    """``config.platform`` (cpu | gpu | tpu), when set, decides JAX's backend; must precede JAX's
+    first use of a device. None leaves ``JAX_PLATFORMS`` (or JAX's own choice) alone."""
+    if config.get("platform"):
+        os.environ["JAX_PLATFORMS"] = config.platform
+        if "jax" in sys.modules:  # JAX reads the variable when it is imported; tell it directly too.
+            sys.modules["jax"].config.update("jax_platforms", config.platform)
+
+
+def debug() -> bool:
+    """``MICRONET_DEBUG=1``: show tracebacks instead of one-line errors."""
+    return bool(os.environ.get("MICRONET_DEBUG"))
+
+
+def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Calls ``fn``; a user error becomes one line and exit status 2 (unless :func:`debug`)."""
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        if debug():
+            raise
+        exit_with(f"{e}\n(set MICRONET_DEBUG=1 to see the traceback)")
+
+
+def setup_logging() -> None:
+    """Libraries (orbax, JAX's backend probing, grain) log through absl at INFO in great detail:
+    show their warnings only, and this package's own progress at INFO."""
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.use_absl_handler()
+    pylogging.getLogger("micronet_jax").setLevel(pylogging.INFO)
