@@ -42,6 +42,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "stain_jitter": {"data.augment.stain_jitter": 0.1},  # Paper augmentation + H&E colour jitter.
     "relu": {"model.activation": "relu"},  # ReLU instead of the paper's tanh.
     "batch_norm": {"model.batch_norm": True},  # TIAToolbox's BatchNorm in B1..B4 (spec §7.5).
+    # Three classes (background, gland interior, boundary band) and a marker-controlled watershed,
+    # to separate touching glands (docs/accuracy.md). Not in the paper.
+    "contour": {"data.target": "contour", "model.num_classes": 3},
+    # Half resolution: a 508 patch sees four times the tissue (docs/accuracy.md). Not in the paper.
+    "half_scale": {"data.scale": 0.5, "data.patch_size": 508},
     "bf16": {"model.dtype": "bfloat16"},  # bfloat16 compute (a no-op for glas, whose base is bf16).
     "fp32": {"model.dtype": "float32"},  # float32 compute (a no-op for cpu, whose base is fp32).
     "tta": {"eval.tta": True},  # 8-way flip/rot90 test-time augmentation (eval only).

@@ -188,3 +188,16 @@ def test_cli_unknown_config_key_is_the_message_of_main(capsys):
         ablation.main(["--workdir", "unused", "--config.model.widht=0.5"])
     assert exit_info.value.code == 2
     assert "unknown config key 'model.widht'" in capsys.readouterr().err
+
+
+def test_every_variant_is_a_valid_config():
+    """Each variant's delta gives a config the trainer accepts (classes match the target, and so on)."""
+    from micronet_jax import core
+
+    abl = ablation.load_ablation_module()
+    for sweep in abl.SWEEPS:
+        for name in abl.VARIANTS:
+            config = abl.variant_config(name, sweep)
+            core.check_config(config, num_devices=1)
+    contour = abl.variant_config("contour", "cpu")
+    assert (contour.data.target, contour.model.num_classes) == ("contour", 3)
