@@ -148,22 +148,9 @@ def initial_state(model: MicroNet, tx: optax.GradientTransformation, seed: Any) 
     )
 
 
-def make_train_step(
-    model: MicroNet,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    *,
-    steps_per_epoch: int,
-    aux_loss: bool,
-    grad_accum_steps: int = 1,
-) -> StepFn:
-    """The pure train step: weighted CE on main + aux outputs (aux weighted 1/epoch), then Adam.
-
-    ``steps_per_epoch`` is the auxiliary weight's epoch (:func:`aux_steps_per_epoch`).
-
-    With ``grad_accum_steps`` = k the batch is split into k micro-batches whose gradients are
-    averaged before one optimizer update (same result as the full batch, for small GPUs).
-    """
+def make_grad_fn(model: MicroNet) -> Callable:
+    """``(params, batch_stats, batch, key, aux_scale) -> ((loss, (parts, batch_stats)), grads)``:
+    weighted CE on the main and auxiliary outputs, its per-output parts and the pixel accuracy."""
     use_bn = model.batch_norm
 
     def loss_fn(params, batch_stats, batch, key, aux_scale):
@@ -179,11 +166,14 @@ def make_train_step(
         parts["pixel_accuracy"] = jnp.mean((pred == batch["label"]).astype(jnp.float32))
         return loss, (parts, updates.get("batch_stats", batch_stats) if use_bn else batch_stats)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def accumulate_gradients(grad_fn: Callable, k: int) -> Callable:
+    """``grad_fn`` over ``k`` micro-batches (one scan): mean loss, parts and gradient, the same result
+    as the full batch with a k-th of its activation memory."""
 
     def accumulated(state, batch, key, aux_scale):
-        """Mean loss, parts and gradient over ``grad_accum_steps`` micro-batches (one scan)."""
-        k = grad_accum_steps
         # Micro-batch j takes rows j, j+k, ...: each device keeps its own rows (no reshuffle).
         micro = jax.tree.map(
             lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), batch
@@ -207,6 +197,28 @@ def make_train_step(
         )
         scale = lambda t: jax.tree.map(lambda v: v / k, t)  # noqa: E731
         return (scale(loss), (scale(parts), batch_stats)), scale(grads)
+
+    return accumulated
+
+
+def make_train_step(
+    model: MicroNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    steps_per_epoch: int,
+    aux_loss: bool,
+    grad_accum_steps: int = 1,
+) -> StepFn:
+    """The pure train step: weighted CE on main + aux outputs (aux weighted 1/epoch), then Adam.
+
+    ``steps_per_epoch`` is the auxiliary weight's epoch (:func:`aux_steps_per_epoch`).
+
+    With ``grad_accum_steps`` = k the batch is split into k micro-batches whose gradients are
+    averaged before one optimizer update (same result as the full batch, for small GPUs).
+    """
+    grad_fn = make_grad_fn(model)
+    accumulated = accumulate_gradients(grad_fn, grad_accum_steps)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(state.rng, state.step)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-__all__ = ["tile_positions", "tiled_predict", "dihedral", "dihedral_inverse", "blend_window"]
+__all__ = ["tile_positions", "tiled_predict", "dihedral", "dihedral_inverse", "blend_window",
+           "tta_transforms", "stack_tiles", "TransformAverager"]
 
 ForwardFn = Callable[[np.ndarray], Any]
 
@@ -84,6 +85,46 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def tta_transforms(tta: bool) -> list[int]:
+    """The dihedral transforms each tile goes through: all 8 with test-time augmentation, else identity."""
+    return list(range(8)) if tta else [0]
+
+
+def stack_tiles(chunk: list[tuple[Any, int]], window_of: Callable[[Any], np.ndarray], tile_batch: int,
+                tile: int, channels: int) -> np.ndarray:
+    """One forward batch of exactly ``tile_batch`` tiles: each ``(key, k)`` of ``chunk`` is the window
+    of tile ``key`` under transform ``k``; the slots past the chunk stay zero (one compiled shape)."""
+    batch = np.zeros((tile_batch, tile, tile, channels), np.float32)
+    for b, (key, k) in enumerate(chunk):
+        batch[b] = dihedral(window_of(key)[None], k)[0]
+    return batch
+
+
+class TransformAverager:
+    """Turns forward outputs back into per-tile probabilities: softmax, each transform undone, and the
+    mean over a tile's transforms once its last one has arrived. Shared by image and slide inference,
+    so both check the forward's output and average TTA the same way."""
+
+    def __init__(self, tile_batch: int, tile: int, transforms: list[int]) -> None:
+        self.tile_batch, self.tile, self.transforms = tile_batch, tile, transforms
+        self._partial: dict[Any, np.ndarray] = {}
+
+    def add(self, chunk: list[tuple[Any, int]], output: Any) -> Iterator[tuple[Any, np.ndarray]]:
+        """Consumes the forward's logits for ``chunk``; yields ``(key, probabilities (tile, tile, C))``
+        for every tile of the chunk whose transforms are now complete."""
+        logits = np.asarray(output, dtype=np.float32)
+        if logits.ndim != 4 or logits.shape[:3] != (self.tile_batch, self.tile, self.tile):
+            raise ValueError(
+                f"forward_fn must return logits of shape ({self.tile_batch}, {self.tile}, {self.tile}, C), "
+                f"got {logits.shape}")
+        probs = _softmax(logits[:len(chunk)])
+        for b, (key, k) in enumerate(chunk):
+            p = dihedral_inverse(probs[b:b + 1], k)[0]
+            self._partial[key] = self._partial[key] + p if key in self._partial else p.copy()
+            if k == self.transforms[-1]:
+                yield key, self._partial.pop(key) / len(self.transforms)
+
+
 def _pad_amounts(size: int, tile: int, margin: int) -> tuple[int, int]:
     """Margin on both sides, plus extra (split evenly) when the image is smaller than a tile."""
     extra = max(0, tile - (size + 2 * margin))
@@ -99,7 +140,6 @@ def tiled_predict(
     stitch: str = "center",
     tile_batch: int = 4,
     tta: bool = False,
-    num_classes: int | None = None,
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Softmax probabilities (H, W, C) float32 for an image (H, W, 3) of any size.
@@ -110,8 +150,7 @@ def tiled_predict(
 
     ``forward_fn`` maps (tile_batch, tile, tile, 3) float32 to logits (tile_batch, tile, tile, C); it is
     always called with exactly ``tile_batch`` tiles. ``tta`` averages probabilities over the 8 dihedral
-    transforms of each tile (each output mapped back before averaging). ``num_classes``, if given, is
-    checked against the logits.
+    transforms of each tile (each output mapped back before averaging).
     """
     if stitch not in ("center", "blend"):
         raise ValueError(f"stitch must be 'center' or 'blend', got {stitch!r}")
@@ -132,7 +171,7 @@ def tiled_predict(
     ph, pw = padded.shape[:2]
     ys, xs = tile_positions(ph, tile, margin), tile_positions(pw, tile, margin)
     tiles = [(y, x) for y in ys for x in xs]
-    transforms = list(range(8)) if tta else [0]
+    transforms = tta_transforms(tta)
     jobs = [(t, k) for t in range(len(tiles)) for k in transforms]
 
     if stitch == "center":
@@ -144,40 +183,25 @@ def tiled_predict(
 
     out: np.ndarray | None = None
     wsum = np.zeros((ph, pw, 1), np.float32) if stitch == "blend" else None
-    partial: dict[int, np.ndarray] = {}
     windows: dict[int, np.ndarray] = {}
+    averager = TransformAverager(tile_batch, tile, transforms)
 
-    def chunks() -> Iterator[list[tuple[int, int]]]:
-        for s in range(0, len(jobs), tile_batch):
-            yield jobs[s:s + tile_batch]
-
-    for chunk in chunks():
-        batch = np.zeros((tile_batch, tile, tile, img.shape[2]), np.float32)
-        for b, (t, k) in enumerate(chunk):
+    def window_of(t: int) -> np.ndarray:
+        if t not in windows:  # preprocess each tile once, not once per TTA transform
             y, x = tiles[t]
-            if t not in windows:  # preprocess each tile once, not once per TTA transform
-                window = padded[y:y + tile, x:x + tile]
-                windows[t] = preprocess(window) if preprocess is not None else window
-            batch[b] = dihedral(windows[t][None], k)[0]
+            window = padded[y:y + tile, x:x + tile]
+            windows[t] = preprocess(window) if preprocess is not None else window
+        return windows[t]
+
+    for s in range(0, len(jobs), tile_batch):
+        chunk = jobs[s:s + tile_batch]
+        batch = stack_tiles(chunk, window_of, tile_batch, tile, img.shape[2])
+        for t, k in chunk:
             if k == transforms[-1]:
                 del windows[t]
-        logits = np.asarray(forward_fn(batch), dtype=np.float32)
-        if logits.ndim != 4 or logits.shape[:3] != (tile_batch, tile, tile):
-            raise ValueError(
-                f"forward_fn must return logits of shape ({tile_batch}, {tile}, {tile}, C), "
-                f"got {logits.shape}")
-        c = logits.shape[-1]
-        if num_classes is not None and c != num_classes:
-            raise ValueError(f"forward_fn returned {c} classes, expected num_classes={num_classes}")
-        if out is None:
-            out = np.zeros((ph, pw, c), np.float32)
-        probs = _softmax(logits[:len(chunk)])
-        for b, (t, k) in enumerate(chunk):
-            p = dihedral_inverse(probs[b:b + 1], k)[0]
-            partial[t] = partial[t] + p if t in partial else p.copy()
-            if k != transforms[-1]:
-                continue
-            p = partial.pop(t) / len(transforms)
+        for t, p in averager.add(chunk, forward_fn(batch)):
+            if out is None:
+                out = np.zeros((ph, pw, p.shape[-1]), np.float32)
             y, x = tiles[t]
             if stitch == "center":
                 (y0, y1), (x0, x1) = y_iv[y], x_iv[x]

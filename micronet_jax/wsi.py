@@ -125,53 +125,36 @@ def _standardize(image: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 def _dispatch(forward, img: np.ndarray, region: _Region, yp: AxisPlan, xp: AxisPlan, grid: slides.ModelGrid,
               tile: int, tile_batch: int, tta: bool, has_tissue) -> tuple[list, list]:
-    """Starts the forward calls for a region's tissue tiles; returns (jobs, un-awaited outputs)."""
-    transforms = list(range(8)) if tta else [0]
-    jobs = []
-    for ty in region.ty:
-        ky = yp.kept(ty, grid.height)
-        for tx in region.tx:
-            kx = xp.kept(tx, grid.width)
-            if ky[1] <= ky[0] or kx[1] <= kx[0] or not has_tissue(ky[0], ky[1], kx[0], kx[1]):
-                continue
-            for k in transforms:
-                jobs.append((ty, tx, k))
-    outputs = []
-    for s in range(0, len(jobs), tile_batch):
-        chunk = jobs[s:s + tile_batch]
-        batch = np.zeros((tile_batch, tile, tile, 3), np.float32)
-        for b, (ty, tx, k) in enumerate(chunk):
-            y = yp.positions[ty] - yp.pad - region.wy0
-            x = xp.positions[tx] - xp.pad - region.wx0
-            batch[b] = infer.dihedral(img[None, y:y + tile, x:x + tile], k)[0]
-        outputs.append(forward(batch))
-    return jobs, outputs
+    """Starts the forward calls for a region's tissue tiles; returns (chunks, un-awaited outputs)."""
+    jobs = [((ty, tx), k) for ty in region.ty for tx in region.tx
+            if _writes_tissue(ty, tx, yp, xp, grid, has_tissue) for k in infer.tta_transforms(tta)]
+
+    def window_of(key: tuple[int, int]) -> np.ndarray:
+        y = yp.positions[key[0]] - yp.pad - region.wy0
+        x = xp.positions[key[1]] - xp.pad - region.wx0
+        return img[y:y + tile, x:x + tile]
+
+    chunks = [jobs[s:s + tile_batch] for s in range(0, len(jobs), tile_batch)]
+    return chunks, [forward(infer.stack_tiles(c, window_of, tile_batch, tile, 3)) for c in chunks]
 
 
-def _collect(jobs, outputs, region: _Region, yp: AxisPlan, xp: AxisPlan, grid: slides.ModelGrid,
+def _writes_tissue(ty: int, tx: int, yp: AxisPlan, xp: AxisPlan, grid: slides.ModelGrid, has_tissue) -> bool:
+    """Whether tile (ty, tx) writes any pixel of the slide, and that part has tissue."""
+    (y0, y1), (x0, x1) = yp.kept(ty, grid.height), xp.kept(tx, grid.width)
+    return y1 > y0 and x1 > x0 and has_tissue(y0, y1, x0, x1)
+
+
+def _collect(chunks, outputs, region: _Region, yp: AxisPlan, xp: AxisPlan, grid: slides.ModelGrid,
              tile: int, tile_batch: int, tta: bool) -> np.ndarray:
     """Waits for a region's forward calls and assembles p(gland) over its core (0 where skipped)."""
     prob = np.zeros((region.y1 - region.y0, region.x1 - region.x0), np.float32)
-    n_t = 8 if tta else 1
-    acc: dict[tuple[int, int], np.ndarray] = {}
-    for s, out in zip(range(0, len(jobs), tile_batch), outputs):
-        logits = np.asarray(out, np.float32)
-        if logits.ndim != 4 or logits.shape[:3] != (tile_batch, tile, tile):
-            raise ValueError(f"forward must return logits of shape ({tile_batch}, {tile}, {tile}, C), "
-                             f"got {logits.shape}")
-        chunk = jobs[s:s + tile_batch]
-        probs = infer._softmax(logits[:len(chunk)])
-        for b, (ty, tx, k) in enumerate(chunk):
-            p = infer.dihedral_inverse(probs[b:b + 1], k)[0][..., 1]
-            key = (ty, tx)
-            acc[key] = acc[key] + p if key in acc else p.copy()
-            if k != n_t - 1:
-                continue
-            p = acc.pop(key) / n_t
+    averager = infer.TransformAverager(tile_batch, tile, infer.tta_transforms(tta))
+    for chunk, out in zip(chunks, outputs):
+        for (ty, tx), p in averager.add(chunk, out):
             (y0, y1), (x0, x1) = yp.kept(ty, grid.height), xp.kept(tx, grid.width)
             oy, ox = yp.positions[ty] - yp.pad, xp.positions[tx] - xp.pad
             prob[y0 - region.y0:y1 - region.y0, x0 - region.x0:x1 - region.x0] = \
-                p[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+                p[y0 - oy:y1 - oy, x0 - ox:x1 - ox, 1]
     return prob
 
 
@@ -245,9 +228,9 @@ def predict_slide(
                     band_buf.tofile(raw)
                     rows_written = band[1]
 
-            def finish_region(r: _Region, jobs, outputs) -> None:
+            def finish_region(r: _Region, chunks, outputs) -> None:
                 nonlocal band, band_buf
-                prob = _collect(jobs, outputs, r, yp, xp, grid, tile, tile_batch, tta)
+                prob = _collect(chunks, outputs, r, yp, xp, grid, tile, tile_batch, tta)
                 for g in stitcher.add_region(r.y0, r.x0, prob):
                     _spool(spool, g)
                 if write_tiff:
@@ -261,12 +244,12 @@ def predict_slide(
             for r in bar:
                 img = _standardize(slides.read_model_region(sl, grid, r.wx0, r.wy0, r.wx1 - r.wx0, r.wy1 - r.wy0),
                                    mean, std)
-                jobs, outputs = _dispatch(forward, img, r, yp, xp, grid, tile, tile_batch, tta, has_tissue)
-                n_tiles += len(jobs)
+                chunks, outputs = _dispatch(forward, img, r, yp, xp, grid, tile, tile_batch, tta, has_tissue)
+                n_tiles += sum(map(len, chunks))
                 del img
                 if pending is not None:
                     finish_region(*pending)
-                pending = (r, jobs, outputs)
+                pending = (r, chunks, outputs)
             if pending is not None:
                 finish_region(*pending)
             bar.close()

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from micronet_jax import ablation, reporting, train
+from micronet_jax import ablation, multiseed, reporting, train
 from micronet_jax.data.pipeline import make_train_dataset
 
 # Width 1/64 on 3 small synthetic images; 2 steps of batch 2 per seed.
@@ -111,13 +111,13 @@ def test_vmapped_seeds_match_seeds_trained_alone(sweep):
     """Two steps of jit(vmap(step)) over seeds [0, 1] == two steps of jit(step) per seed."""
     config = ablation.load_ablation_module().variant_config(
         "baseline", "cpu", {**TINY, "train.max_steps": STEPS})
-    vmapped, records = ablation.train_seeds(config, SEEDS, vmap_seeds=True)
+    vmapped, records = multiseed.train_seeds(config, SEEDS, vmap_seeds=True)
 
     # The reference: the trainer's pure pieces, one seed at a time, each seed's own data stream.
-    setup = ablation._programs(config).setup
+    setup = multiseed.programs_for(config).setup
     step = jax.jit(setup.step_fn)
     init = jax.jit(setup.init_fn)
-    source = ablation._train_source(config)
+    source = multiseed._train_source(config)
     alone = []
     for seed in SEEDS:
         state = init(jnp.int32(seed))

@@ -202,15 +202,13 @@ def test_jitted_jax_forward_compiles_once() -> None:
 
     for shape in [(50, 70), (90, 40), (10, 10)]:
         img = smooth_image(*shape)
-        got = tiled_predict(fwd, img, tile=48, margin=8, tile_batch=2, num_classes=2)
+        got = tiled_predict(fwd, img, tile=48, margin=8, tile_batch=2)
         chex.assert_trees_all_close(got, softmax(linear_fn(img)), atol=1e-5)
     assert len(traces) == 1
 
 
 def test_errors() -> None:
     img = smooth_image(20, 20)
-    with pytest.raises(ValueError, match="num_classes"):
-        tiled_predict(linear_fn, img, tile=32, margin=4, num_classes=3)
     with pytest.raises(ValueError, match="stitch"):
         tiled_predict(linear_fn, img, tile=32, margin=4, stitch="mean")
     with pytest.raises(ValueError, match="margin"):

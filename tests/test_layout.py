@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "micronet_jax"
 LAYERS = [
     "config", "models", "losses", "optim", "core", "checkpointing", "workdir", "preemption", "cli",
     "inputs", "data", "infer", "metrics", "postprocess", "slide", "stitch", "export", "visualize",
-    "wsi", "evaluate", "plots", "reporting", "train", "ablation", "benchmark", "main", "tools",
+    "wsi", "evaluate", "plots", "reporting", "train", "multiseed", "ablation", "benchmark", "main", "tools",
 ]
 BELOW_THE_TRAINER = ["config", "models", "losses", "optim", "core", "checkpointing", "workdir",
                      "preemption", "cli", "inputs", "infer", "metrics", "postprocess", "reporting"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from micronet_jax.models.micronet import MicroNet, check_input, output_names, resize_targets
+from micronet_jax.models.micronet import MicroNet, check_input, resize_targets
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -35,4 +35,4 @@ def build_model(model_config: ml_collections.ConfigDict) -> MicroNet:
     )
 
 
-__all__ = ["MicroNet", "build_model", "check_input", "output_names", "resize_targets", "DTYPES"]
+__all__ = ["MicroNet", "build_model", "check_input", "resize_targets", "DTYPES"]

@@ -405,8 +405,3 @@ def check_input(x: jax.Array, variant: int) -> None:
             f"input size ({variant} for this variant; valid variants: {VALID_VARIANTS}), so images "
             f"of any other size must go through tiled inference: micronet_jax.infer.tiled_predict."
         )
-
-
-def output_names() -> Sequence[str]:
-    """The model's outputs in a fixed order: the main head first, then the auxiliary heads."""
-    return ("main", "aux1", "aux2", "aux3")
