@@ -134,6 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.fill_holes = True
     c.eval.opening_radius = 0  # Binary opening with a disk; 0 = off.
     c.eval.min_size = 300  # Remove objects smaller than this many pixels (§7.17).
+    # Two classes only: > 0 splits glands joined by a neck, by a watershed of the mask's distance
+    # transform seeded by its h-maxima of this height (px at the image's resolution). 0 = the paper's
+    # connected components (a deviation when on; docs/accuracy.md).
+    c.eval.split_distance = 0.0
     # data.target="contour" only: seeds are p(interior) > marker_threshold; the gland mask is
     # p(interior) + p(boundary) > threshold; seeds smaller than min_marker_size px are dropped.
     c.eval.marker_threshold = 0.5

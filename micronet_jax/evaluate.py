@@ -81,7 +81,8 @@ def to_instances(prob: np.ndarray, eval_config) -> np.ndarray:
             prob, marker_threshold=float(eval_config.marker_threshold),
             min_marker_size=int(eval_config.min_marker_size), **common,
         )
-    return postprocess.probability_to_instances(prob[..., 1], **common)
+    return postprocess.probability_to_instances(
+        prob[..., 1], split_distance=float(eval_config.split_distance), **common)
 
 
 def evaluate_examples(
@@ -320,6 +321,7 @@ TUNE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 TUNE_MIN_SIZES = (0, 50, 100, 200, 300, 500, 800, 1200, 2000, 3000)
 TUNE_OPENING_RADII = (0, 2, 3)
 TUNE_MARKER_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)  # data.target=contour only
+TUNE_SPLIT_DISTANCES = (0, 12, 24)  # two classes only (0 = connected components)
 
 
 def tune_checkpoint(
@@ -354,6 +356,7 @@ def tune_checkpoint(
         probabilities, [ex.label for ex in examples],
         TUNE_THRESHOLDS, TUNE_MIN_SIZES, TUNE_OPENING_RADII, fill_holes=bool(config.eval.fill_holes),
         marker_thresholds=TUNE_MARKER_THRESHOLDS, min_marker_size=int(config.eval.min_marker_size),
+        split_distances=TUNE_SPLIT_DISTANCES,
     )
     out = output_dir or os.path.join(checkpoint, f"tune_{split}")
     os.makedirs(out, exist_ok=True)

@@ -1,7 +1,8 @@
 """Gland post-processing (spec §5): probability map -> instance label image, and its tuning.
 
-Pipeline: ``p > threshold`` -> fill holes -> optional opening with a disk -> drop components smaller
-than ``min_size`` -> connected components. Components use 8-connectivity throughout (skimage's
+Pipeline: ``p > threshold`` -> fill holes -> optional opening with a disk -> connected components,
+or with ``split_distance`` > 0 a watershed that splits touching glands at their necks -> drop objects
+smaller than ``min_size``. Components use 8-connectivity throughout (skimage's
 ``label`` default in 2-D), so size filtering and labelling agree on what one object is.
 
 :func:`tune_postprocess` grid-searches those constants on validation images only (spec §7.17). It labels
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
-from skimage.morphology import disk
+from skimage.morphology import disk, h_maxima
 from skimage.segmentation import watershed
 
 from micronet_jax.metrics import _as_label_image, _combine, _compact, _detection_and_dice, _f1
@@ -28,22 +29,50 @@ _CONNECTIVITY = np.ones((3, 3), bool)  # 8-connectivity
 
 
 def _binary_components(
-    prob_fg: np.ndarray, threshold: float, fill_holes: bool, opening_radius: int
+    prob_fg: np.ndarray, threshold: float, fill_holes: bool, opening_radius: int,
+    split_distance: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Steps 1-3 and labelling before size filtering; returns (labels, sizes indexed by label)."""
+    """Steps 1-3 and labelling before size filtering; returns (labels, sizes indexed by label).
+
+    ``split_distance`` > 0 replaces connected components by a watershed of the mask's distance
+    transform seeded by its h-maxima of that height (px): two glands joined by a neck narrower than
+    their bodies by at least that much become two objects. A two-class output cannot mark the border
+    between touching glands, but their union is usually pinched there.
+    """
     prob = np.asarray(prob_fg)
     if prob.ndim != 2:
         raise ValueError(f"prob_fg must be a 2-D (H, W) foreground probability map, got {prob.shape}")
     if opening_radius < 0:
         raise ValueError(f"opening_radius must be >= 0, got {opening_radius}")
+    if split_distance < 0:
+        raise ValueError(f"split_distance must be >= 0, got {split_distance}")
     mask = prob > threshold  # strict, so 0.5 equals argmax of a 2-class softmax (ties -> background)
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     if opening_radius > 0:
         mask = ndimage.binary_opening(mask, structure=disk(int(opening_radius)).astype(bool))
+    if split_distance > 0 and mask.any():
+        distance = ndimage.distance_transform_edt(mask)
+        markers, _ = ndimage.label(h_maxima(distance, float(split_distance)), structure=_CONNECTIVITY)
+        return _watershed(-distance, markers, mask)
     labels, n = ndimage.label(mask, structure=_CONNECTIVITY)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     return labels, sizes
+
+
+def _watershed(surface: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Marker-controlled watershed of ``surface`` over ``mask``; (labels 0..n, sizes indexed by label).
+
+    A part of the mask that no marker reaches (a gland without a seed) stays an object of its own
+    instead of vanishing.
+    """
+    orphans, _ = ndimage.label(mask & ~ndimage.binary_propagation(markers > 0, mask=mask),
+                               structure=_CONNECTIVITY)
+    markers = np.where(orphans > 0, orphans + int(markers.max()), markers)
+    labels = watershed(surface, markers, mask=mask, connectivity=2)
+    _, labels = np.unique(labels, return_inverse=True)
+    labels = labels.reshape(mask.shape).astype(np.int32)
+    return labels, np.bincount(labels.ravel())
 
 
 def _size_filter_lut(sizes: np.ndarray, min_size: int) -> np.ndarray:
@@ -61,12 +90,14 @@ def probability_to_instances(
     fill_holes: bool = True,
     opening_radius: int = 0,
     min_size: int = 300,
+    split_distance: float = 0.0,
 ) -> np.ndarray:
     """Foreground probability (H, W) -> int32 instance labels 1..n (0 = background).
 
-    Objects with fewer than ``min_size`` pixels are removed (size counted after fill/opening).
+    Objects with fewer than ``min_size`` pixels are removed (size counted after fill/opening and the
+    optional ``split_distance`` watershed, see :func:`_binary_components`).
     """
-    labels, sizes = _binary_components(prob_fg, threshold, fill_holes, opening_radius)
+    labels, sizes = _binary_components(prob_fg, threshold, fill_holes, opening_radius, float(split_distance))
     return _size_filter_lut(sizes, int(min_size))[labels]
 
 
@@ -90,19 +121,9 @@ def _contour_components(
         small = np.bincount(markers.ravel(), minlength=n + 1) < min_marker_size
         small[0] = False
         markers[small[markers]] = 0
-    # A part of the mask that no seed reaches (a gland whose interior was not found) stays an
-    # object of its own instead of vanishing.
-    orphans, n_orphans = ndimage.label(mask & ~ndimage.binary_propagation(markers > 0, mask=mask),
-                                       structure=_CONNECTIVITY)
-    top = int(markers.max())
-    markers = np.where(orphans > 0, orphans + top, markers)
     # Flood from the seeds over -p(interior): basins meet where the interior probability is lowest,
     # i.e. on the boundary band between touching glands.
-    labels = watershed(-interior, markers, mask=mask, connectivity=2)
-    _, labels = np.unique(labels, return_inverse=True)
-    labels = labels.reshape(mask.shape)
-    sizes = np.bincount(labels.ravel())
-    return labels, sizes
+    return _watershed(-interior, markers, mask)
 
 
 def contour_to_instances(
@@ -136,11 +157,13 @@ def tune_postprocess(
     fill_holes: bool = True,
     marker_thresholds: Sequence[float] = (0.5,),
     min_marker_size: int = 30,
+    split_distances: Sequence[float] = (0.0,),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Grid search of post-processing constants by pooled object F1, ties broken by pooled Object Dice.
 
     ``prob_maps`` are either foreground maps (H, W) for :func:`probability_to_instances`, or 3-class
-    maps (H, W, 3) for :func:`contour_to_instances`, where ``marker_thresholds`` is searched too.
+    maps (H, W, 3) for :func:`contour_to_instances`, where ``marker_thresholds`` is searched too;
+    for foreground maps ``split_distances`` (0 = connected components) is searched instead.
 
     Use validation images only. Returns ``(best, rows)``: ``best`` holds only keyword arguments of
     :func:`probability_to_instances` (so ``probability_to_instances(p, **best)`` reproduces it), and
@@ -165,16 +188,19 @@ def tune_postprocess(
         gts.append((g_c, int(g_c.max()) if g_c.size else 0))
 
     contour = np.ndim(prob_maps[0]) == 3
-    marker_grid = tuple(marker_thresholds) if contour else (None,)
+    # The third axis of the grid: the watershed's seed threshold (contour) or the neck split (binary).
+    third = tuple(marker_thresholds) if contour else tuple(float(d) for d in split_distances)
+    if not third:
+        raise ValueError("marker_thresholds / split_distances must be non-empty")
     rows: list[dict[str, Any]] = []
-    for thr, rad, mthr in itertools.product(thresholds, opening_radii, marker_grid):
+    for thr, rad, mthr in itertools.product(thresholds, opening_radii, third):
         # Per image: component x GT contingency once; each min_size just drops/merges rows of it.
         per_image = []
         for p, (g_c, n_g) in zip(prob_maps, gts):
             if contour:
                 labels, sizes = _contour_components(p, thr, mthr, min_marker_size, fill_holes, int(rad))
             else:
-                labels, sizes = _binary_components(p, thr, fill_holes, int(rad))
+                labels, sizes = _binary_components(p, thr, fill_holes, int(rad), mthr)
             n_c = sizes.size - 1
             idx = labels.ravel().astype(np.intp) * (n_g + 1) + g_c.ravel()
             cont = np.bincount(idx, minlength=(n_c + 1) * (n_g + 1)).reshape(n_c + 1, n_g + 1)
@@ -196,7 +222,7 @@ def tune_postprocess(
                 tot["g_area"] += int(d["g_area"].sum())
             rows.append({
                 **({"marker_threshold": float(mthr), "min_marker_size": int(min_marker_size)}
-                   if contour else {}),
+                   if contour else {"split_distance": float(mthr)}),
                 "threshold": float(thr),
                 "opening_radius": int(rad),
                 "min_size": int(ms),
@@ -210,7 +236,6 @@ def tune_postprocess(
             })
     best_row = max(enumerate(rows), key=lambda t: (t[1]["f1"], t[1]["object_dice"], -t[0]))[1]
     keys = ("threshold", "fill_holes", "opening_radius", "min_size")
-    if contour:
-        keys += ("marker_threshold", "min_marker_size")
+    keys += ("marker_threshold", "min_marker_size") if contour else ("split_distance",)
     best = {k: best_row[k] for k in keys}
     return best, rows

@@ -95,3 +95,40 @@ def test_tune_postprocess_validates() -> None:
         tune_postprocess([p], [gt, gt], (0.5,), (0,))
     with pytest.raises(ValueError, match="image 0"):
         tune_postprocess([p[:10]], [gt], (0.5,), (0,))
+
+
+def _two_touching_discs() -> tuple[np.ndarray, np.ndarray]:
+    """Two discs of radius 20 whose centres are 34 px apart (a 21-px neck), as p(gland) and GT."""
+    yy, xx = np.mgrid[:60, :100]
+    a = (yy - 30) ** 2 + (xx - 30) ** 2 <= 20 ** 2
+    b = (yy - 30) ** 2 + (xx - 64) ** 2 <= 20 ** 2
+    gt = np.zeros((60, 100), np.int32)
+    gt[a] = 1
+    gt[b & ~a] = 2
+    return (a | b).astype(np.float32), gt
+
+
+def test_split_distance_separates_glands_joined_by_a_neck() -> None:
+    p, gt = _two_touching_discs()
+    assert probability_to_instances(p, min_size=0).max() == 1  # connected components merge them
+    lab = probability_to_instances(p, min_size=0, split_distance=3)
+    assert lab.max() == 2 and (lab > 0).sum() == (p > 0.5).sum()  # split, nothing lost
+    assert glas_metrics([lab], [gt])["f1"] == 1.0
+    # A lone disc and a neck-free bar stay one object each; an empty map stays empty.
+    yy, xx = np.mgrid[:60, :100]
+    one = ((yy - 30) ** 2 + (xx - 30) ** 2 <= 20 ** 2).astype(np.float32)
+    assert probability_to_instances(one, min_size=0, split_distance=3).max() == 1
+    bar = np.zeros((60, 100), np.float32)
+    bar[20:40, 5:95] = 1
+    assert probability_to_instances(bar, min_size=0, split_distance=3).max() == 1
+    assert probability_to_instances(np.zeros((8, 8), np.float32), split_distance=3).max() == 0
+    with pytest.raises(ValueError, match="split_distance"):
+        probability_to_instances(p, split_distance=-1)
+
+
+def test_tune_postprocess_searches_split_distance() -> None:
+    p, gt = _two_touching_discs()
+    best, rows = tune_postprocess([p], [gt], thresholds=(0.5,), min_sizes=(0,), split_distances=(0, 3))
+    assert [r["split_distance"] for r in rows] == [0.0, 3.0]
+    assert (rows[0]["tp"], rows[1]["tp"]) == (1, 2)
+    assert best["split_distance"] == 3.0 and probability_to_instances(p, **best).max() == 2

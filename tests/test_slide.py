@@ -214,6 +214,11 @@ def test_bad_slides_are_one_clear_error(tmp_path):
     afile.write_text("x")
     with pytest.raises(DataError, match=r"--output must be a folder, but .*afile is a file"):
         wsi.check_output_dir(afile)
+    # The neck-splitting watershed is per image; slides are labelled by stitched components only.
+    config = load_config("default", "tiny")
+    config.eval.split_distance = 12.0
+    with pytest.raises(DataError, match=r"eval.split_distance=12.0: .*--config.eval.split_distance=0"):
+        wsi.predict_slide(config, lambda x: x, nompp, tmp_path / "o", tile=508, progress=False)
 
 
 @pytest.fixture(scope="module")
