@@ -23,9 +23,9 @@ Arguments, for the CPU:
   :smoke  the same stages at width 1/64, float32, a few steps on small synthetic images (or GlaS with
           --config.data.source=glas --config.data.root=DIR): what launch/speedrun.sh --smoke and the
           tests run. Says nothing about accuracy.
-  :cpu    the losing alternative of that comparison: configs/glas_cpu.py's default (width 1/16,
+  :cpu    the losing alternative of that comparison: configs/glas_cpu.py:508 (width 1/16,
           float32, batch 2, 600 steps, data.scale 0.5, relu, its post-processing) with the warm-up +
-          cosine schedule; it differs from configs/glas_cpu.py only in train.schedule,
+          cosine schedule; it differs from configs/glas_cpu.py:508 only in train.schedule,
           train.warmup_steps and train.aux_epochs (docs/benchmarks.md has both commands).
 """
 
@@ -58,9 +58,10 @@ def speedrun_cosine_schedule(c, total_steps: int) -> None:
 
 def get_config(arg: str | None = None):
     if arg == "cpu":
-        # configs/glas_cpu.py's default exactly, plus the three schedule keys.
+        # configs/glas_cpu.py:508 exactly (the default when the comparison ran), plus the three
+        # schedule keys.
         here = os.path.dirname(os.path.abspath(__file__))
-        c = load_config_file(os.path.join(here, "glas_cpu.py"))
+        c = load_config_file(os.path.join(here, "glas_cpu.py") + ":508")
         steps = c.train.epochs * (c.train.patches_per_epoch // c.train.batch_size)  # 600
         speedrun_cosine_schedule(c, steps)
         return c

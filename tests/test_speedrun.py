@@ -122,8 +122,20 @@ def test_speedrun_config_traces_at_full_width():
     assert metrics["aux_weight"].shape == () and metrics["learning_rate"].dtype == jnp.float32
 
 
+def test_glas_cpu_default_is_the_252_recipe_and_keeps_the_508_one():
+    """docs/accuracy.md's third-round winner is the default; the second round's stays as :508."""
+    c, old = load_config("glas_cpu"), load_config("glas_cpu", "508")
+    for cfg in (c, old):
+        core.check_config(cfg, num_devices=1)
+    assert (c.model.variant, c.data.crop_size, c.data.scale, c.model.activation) == (252, 252, 0.5, "relu")
+    assert core.total_steps(c) == 3000 and core.total_steps(old) == 600
+    assert (old.model.variant, old.data.crop_size) == (508, 508)
+    with pytest.raises(ValueError, match="':faithful' or ':508'"):
+        load_config("glas_cpu", "fast")
+
+
 def test_cpu_variant_differs_from_glas_cpu_only_in_the_schedule():
-    base, cpu = load_config("glas_cpu"), load_config("glas_speedrun", "cpu")
+    base, cpu = load_config("glas_cpu", "508"), load_config("glas_speedrun", "cpu")
     a, b = flatten(base.to_dict()), flatten(cpu.to_dict())
     changed = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert changed == {"train.schedule": ("paper", "cosine"), "train.warmup_steps": (0, 30),
