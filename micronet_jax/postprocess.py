@@ -168,7 +168,8 @@ def tune_postprocess(
     Use validation images only. Returns ``(best, rows)``: ``best`` holds only keyword arguments of
     :func:`probability_to_instances` (so ``probability_to_instances(p, **best)`` reproduces it), and
     ``rows`` has one dict per grid point (params + ``f1, object_dice, tp, fp, fn``) in grid order
-    (threshold, opening_radius, min_size). Remaining ties keep the first grid point. Hausdorff is not
+    (threshold, opening_radius, marker_threshold or split_distance, min_size). Remaining ties keep
+    the first grid point. Hausdorff is not
     computed here: it does not enter the selection and is the expensive part.
     """
     prob_maps, gt_labels = list(prob_maps), list(gt_labels)
