@@ -101,9 +101,10 @@ def get_config(arg: str | None = None):
     c.train.keep_checkpoints = 1
     c.train.eval_every = 0  # Validate once, at the end.
     c.eval.tile_batch = 8
-    # Post-processing: configs/glas_cpu.py's tuned values as the starting point (opening with a
-    # radius-2 disk, objects under 3,000 px removed; paper: no opening, 300 px). launch/speedrun.sh
-    # retunes them on the validation split (--mode=tune) and scores with what it picks.
+    # Post-processing: a starting point only (opening with a radius-2 disk, objects under 3,000 px
+    # removed, the values --mode=tune picked for the first CPU runs of docs/accuracy.md; paper: no
+    # opening, 300 px). launch/speedrun.sh retunes them on the validation split (--mode=tune) and
+    # scores with what it picks.
     c.eval.opening_radius = 2
     c.eval.min_size = 3000
     c.eval.num_overlays = 2  # Keeps the copied-back output folder small.
