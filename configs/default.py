@@ -16,6 +16,11 @@ def get_config(arg: str | None = None):
     c.platform = "cpu"
     c.model.width = 1 / 16  # 4..128 channels instead of 64..2048: ~1/256 of the compute.
     c.model.dtype = "float32"  # bfloat16 is slow on CPUs; the GPU configs use it.
+    # Two CPU devices, the batch of 2 split over them: XLA's CPU ops leave the cores idle much of a
+    # step, and two programs fill the gaps (docs/benchmarks.md, issue #18). The heads are not
+    # recomputed: at this width their stored activations are small, and recomputing them cost ~3%.
+    c.cpu_devices = 2
+    c.model.remat_heads = False
     c.data.source = "synthetic"
     c.data.synthetic_num_train = 16
     c.data.synthetic_num_val = 4

@@ -107,12 +107,26 @@ def exit_with(message: str) -> None:
 
 
 def use_platform(config: ml_collections.ConfigDict) -> None:
-    """``config.platform`` (cpu | gpu | tpu), when set, decides JAX's backend; must precede JAX's
-    first use of a device. None leaves ``JAX_PLATFORMS`` (or JAX's own choice) alone."""
+    """``config.platform`` (cpu | gpu | tpu), when set, decides JAX's backend, and
+    ``config.cpu_devices`` how many CPU devices JAX makes; both must precede JAX's first use of a
+    device. None leaves ``JAX_PLATFORMS`` (or JAX's own choice) alone. An explicit
+    ``XLA_FLAGS=--xla_force_host_platform_device_count`` (the tests' simulated devices) wins over
+    ``cpu_devices``, and a process whose JAX already runs (a notebook, a test) keeps its devices."""
     if config.get("platform"):
         os.environ["JAX_PLATFORMS"] = config.platform
         if "jax" in sys.modules:  # JAX reads the variable when it is imported; tell it directly too.
             sys.modules["jax"].config.update("jax_platforms", config.platform)
+    n = config.get("cpu_devices")
+    if n is None or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    if int(n) < 1:
+        exit_with(f"config cpu_devices={n} must be >= 1 (or None for JAX's default)")
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", int(n))
+    except RuntimeError:  # JAX's backends are already up in this process: keep what it has.
+        absl_logging.info("config cpu_devices=%d not applied: JAX is already initialised", int(n))
 
 
 def debug() -> bool:

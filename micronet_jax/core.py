@@ -64,9 +64,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     if b < 1 or k < 1:
         raise ValueError(f"config train.batch_size={b} and train.grad_accum_steps={k} must be >= 1")
     if b % (k * d):
+        cpu_hint = ""
+        if config.get("cpu_devices") and jax.default_backend() == "cpu":
+            cpu_hint = f", or fewer CPU devices (--config.cpu_devices={max(1, b // k)})" if b % k == 0 else ""
         raise ValueError(
             f"config train.batch_size={b} must be divisible by train.grad_accum_steps={k} times the "
             f"number of devices ({d}); e.g. use --config.train.batch_size={k * d * max(1, b // (k * d))}"
+            f"{cpu_hint}"
         )
     want = num_classes_for_target(str(config.data.target))
     if int(config.model.num_classes) != want:
@@ -352,6 +356,29 @@ def jit_tile_forward(model: MicroNet) -> Callable[[Any, jax.Array], jax.Array]:
 def make_forward_fn(
     model: MicroNet, variables: Any, compiled: Callable[[Any, jax.Array], jax.Array] | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """Binds weights to a tile forward (pass ``compiled`` from :func:`jit_tile_forward` to reuse it)."""
+    """Binds weights to a tile forward (pass ``compiled`` from :func:`jit_tile_forward` to reuse it).
+
+    With several local devices in a single process (GPUs, or ``config.cpu_devices``), every call whose
+    tile count divides evenly is split over them, the weights replicated, as the training batch is;
+    the jitted forward follows its inputs' shardings. Two CPU devices give 8.0 -> 9.2 tiles/s at width
+    1/16 on the 2-core machine (issue #18). Otherwise (one device, several processes, an uneven batch)
+    the tiles run on the default device as before.
+    """
     forward = compiled or jit_tile_forward(model)
-    return lambda tiles: np.asarray(forward(variables, jnp.asarray(tiles, jnp.float32)))
+    devices = jax.local_devices()
+    if len(devices) < 2 or jax.process_count() > 1:
+        return lambda tiles: np.asarray(forward(variables, jnp.asarray(tiles, jnp.float32)))
+    mesh = make_mesh("data", devices)
+    variables = jax.device_put(variables, replicated(mesh))
+    single = jax.sharding.SingleDeviceSharding(devices[0])
+    on_one: list[Any] = []  # The weights on one device, copied only if an uneven batch comes.
+
+    def run(tiles: np.ndarray) -> np.ndarray:
+        tiles = np.asarray(tiles, np.float32)
+        if tiles.shape[0] % len(devices) == 0:
+            return np.asarray(forward(variables, jax.device_put(tiles, split(mesh))))
+        if not on_one:
+            on_one.append(jax.device_put(variables, single))
+        return np.asarray(forward(on_one[0], jax.device_put(tiles, single)))
+
+    return run

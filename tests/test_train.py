@@ -193,6 +193,16 @@ assert abs(results[0][2] - results[1][2]) < 1e-5 * results[1][2], results
 # elsewhere moves elements by up to 2e-3. The summation order of the 8-way reduction can still
 # move the update of a near-zero gradient by a small fraction of lr, hence atol 1e-5 (1% of lr).
 chex.assert_trees_all_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+# Tiled inference splits an even tile batch over the 8 devices and runs an uneven one on one device:
+# both give the single-device logits.
+model = t.model
+variables = jax.device_get(state.variables())
+tiles = batch["image"][:, :model.variant, :model.variant]
+sharded = core.make_forward_fn(model, variables)
+single = jax.jit(lambda v, x: model.apply(v, x, train=False)["main"])
+for n in (8, 3):
+    want = np.asarray(single(variables, tiles[:n]))
+    np.testing.assert_allclose(sharded(tiles[:n]), want, rtol=1e-5, atol=1e-5)
 config.train.batch_size = 4
 try:
     core.Trainer(config)
@@ -206,6 +216,29 @@ print("OK")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_two_cpu_devices_train_the_default_to_the_same_loss_curve(tmp_path):
+    """The CPU configs split the batch over two CPU devices (config.cpu_devices=2, issue #18); the run
+    must be the one-device run up to float summation order, step for step."""
+    curves = {}
+    for devices in (1, 2):
+        wd = tmp_path / f"devices_{devices}"
+        proc = run_main(*TINY, f"--workdir={wd}", "--config.train.max_steps=4",
+                        "--config.train.eval_every=0", f"--config.cpu_devices={devices}")
+        assert f"devices: {devices} (cpu)" in proc.stderr, proc.stderr[-2000:]
+        records = [json.loads(line) for line in open(wd / "metrics.jsonl")]
+        curves[devices] = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(curves[1]) == 4, curves
+    np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)
+
+
+def test_cpu_devices_must_divide_the_batch_and_the_message_says_how(tmp_path):
+    proc = run_main(*TINY, f"--workdir={tmp_path}", "--config.train.batch_size=1",
+                    "--config.train.max_steps=1", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.batch_size=1" in proc.stderr and "--config.cpu_devices=1" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_unknown_config_key_is_one_clear_message():

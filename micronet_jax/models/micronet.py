@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from micronet_jax.models.layers import ConvTranspose, conv, get_activation, kernel_init
+from micronet_jax.models.layers import ConvTranspose, conv, get_activation, kernel_init, max_pool_2x2
 
 Dtype = Any
 
@@ -70,7 +70,7 @@ class DownBlock(nn.Module):
 
         y = maybe_bn(act(conv(self.features, 3, self.dtype, "conv1")(x)), "bn1")
         y = act(conv(self.features, 3, self.dtype, "conv2")(y))
-        y = nn.max_pool(y, (2, 2), strides=(2, 2), padding="VALID")
+        y = max_pool_2x2(y)
         if not self.multires:
             return y
         n, _, _, c = image.shape
@@ -101,7 +101,7 @@ class Bridge508(nn.Module):
         f = self.features
         y = act(conv(f, 3, self.dtype, "B5_conv1")(x))
         y = act(conv(f, 3, self.dtype, "B5_conv2")(y))
-        y = nn.max_pool(y, (2, 2), strides=(2, 2), padding="VALID")
+        y = max_pool_2x2(y)
         y = act(conv(f, 3, self.dtype, "B5_conv3")(y))
         b5 = act(conv(f, 3, self.dtype, "B5_conv4")(y))
         y = ConvTranspose(f, 2, 2, self.dtype, self.transpose_impl, name="B6_up1")(b5)
