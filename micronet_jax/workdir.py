@@ -142,13 +142,19 @@ def _optimizer_kind(flat: dict[str, Any]) -> tuple[Any, bool, bool]:
     )
 
 
+# Model keys that change neither the parameters nor the function they compute, only what the backward
+# pass stores: a run may resume with them changed (configs/glas_cpu.py turned remat_heads off, #18).
+RECOMPUTE_ONLY_KEYS = frozenset({"model.remat", "model.remat_heads"})
+
+
 def resume_changes(
     saved: dict[str, Any], given: dict[str, Any]
 ) -> tuple[list[str], list[str]]:
     """Compares a workdir's saved config with the one a resumed run was given (both as JSON dicts).
 
     Returns ``(refused, allowed)``, each a list of ``"key: saved X, given Y"``. Refused: every
-    ``model.*`` key (the parameters' shapes, or the function they were trained as), and the
+    ``model.*`` key (the parameters' shapes, or the function they were trained as) except the
+    rematerialisation switches, which only trade memory for recomputation, and the
     optimizer keys when they change the kind of optimizer (the shape of its state). Allowed: the rest
     (schedule length, logging, evaluation, data workers...), which a resumed run simply uses. A key
     that one side lacks (a config from an older version) counts as changed only when both have it.
@@ -160,7 +166,9 @@ def resume_changes(
         if old[key] == new[key]:
             continue
         line = f"{key}: saved {old[key]!r}, given {new[key]!r}"
-        if key.startswith("model.") or (key in OPTIMIZER_KEYS and optimizer_changed):
+        if (key.startswith("model.") and key not in RECOMPUTE_ONLY_KEYS) or (
+            key in OPTIMIZER_KEYS and optimizer_changed
+        ):
             refused.append(line)
         else:
             allowed.append(line)

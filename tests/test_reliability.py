@@ -92,6 +92,10 @@ def test_resume_changes_rules():
     saved["train"]["grad_clip_norm"], given["train"]["grad_clip_norm"] = 1.0, 2.0
     given["model"]["dtype"] = "float32"
     assert workdir_lib.resume_changes(saved, given)[0] == []
+    # Rematerialisation only trades memory for recomputation: allowed, and logged.
+    saved["model"]["remat_heads"], given["model"]["remat_heads"] = True, False
+    refused, allowed = workdir_lib.resume_changes(saved, given)
+    assert refused == [] and "model.remat_heads: saved True, given False" in allowed
 
 
 def test_resume_with_changed_run_keys_is_logged_and_a_stale_lock_is_taken_over(uninterrupted, tmp_path):
