@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
     c.model.dtype = "float32"  # bfloat16 is slow on CPUs; the GPU configs use it.
     # Two CPU devices, the batch of 2 split over them: XLA's CPU ops leave the cores idle much of a
     # step, and two programs fill the gaps (docs/benchmarks.md, issue #18). The heads are not
-    # recomputed: at this width their stored activations are small, and recomputing them cost ~3%.
+    # recomputed: at this width their stored activations are small, and recomputing them cost 1-4%.
     c.cpu_devices = 2
     c.model.remat_heads = False
     c.data.source = "synthetic"

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
     c.data.val_fraction = 0.2  # 17 of 85 images, 4 patients, both grades.
     c.model.width = 1 / 16  # 4..128 channels: what two cores can train in an hour.
     c.model.dtype = "float32"  # bfloat16 is slow on CPUs.
-    # The heads are not recomputed in the backward pass: ~3% of the step at this width (#18). Unlike
+    # The heads are not recomputed in the backward pass: 1-4% of the step at this width (#18). Unlike
     # configs/default.py this keeps one CPU device: Micro-Net-252's shorter step did not gain from two.
     c.model.remat_heads = False
     c.train.batch_size = 2

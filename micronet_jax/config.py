@@ -171,8 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.platform = config_dict.placeholder(str)  # Force a JAX platform (cpu | gpu | tpu); None = default.
     # CPU devices JAX makes of the host (jax_num_cpu_devices), set at start-up by the command line.
     # The batch and the tiles of inference are split over them like over GPUs. On the 2-core CI
-    # machine 2 devices ran the width-1/16 step 5-8% faster than 1 (issue #18, docs/benchmarks.md):
-    # XLA's CPU ops leave the threads idle much of the step, and two programs fill the gaps. None =
+    # machine 2 devices ran the width-1/16 step ~4% faster than 1 and tiled inference ~13% faster
+    # (issue #18, docs/benchmarks.md): XLA's CPU ops leave the threads idle much of the step, and
+    # two programs fill some of the gaps. None =
     # JAX's default (1, or XLA_FLAGS=--xla_force_host_platform_device_count, which takes precedence).
     c.cpu_devices = config_dict.placeholder(int)
     return c

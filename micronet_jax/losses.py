@@ -22,7 +22,7 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Ar
     logits = logits.astype(jnp.float32)
     # One-hot rather than optax.softmax_cross_entropy_with_integer_labels: the same value, but the
     # integer-label form picks the label's logit with take_along_axis, whose gradient is a scatter-add
-    # over every pixel, 4 per step; XLA's CPU backend ran those at ~40 ms of a ~1 s step (issue #18).
+    # over every pixel, 4 per step, which XLA's CPU backend runs slowly (a profile of issue #18).
     # With 2 or 3 classes the one-hot product and its gradient are element-wise and fuse.
     one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     nll = optax.softmax_cross_entropy(logits, one_hot)

@@ -65,7 +65,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     the tied elements instead of giving it to one (after tanh ties do not occur; after ReLU they are
     zeros, whose gradient ReLU discards anyway). Why: XLA's CPU backend runs ``max_pool``'s gradient
     as a reduce-window that tracks argmax indices with four materialised iotas, and this form as
-    element-wise compares, 2x faster for the pools of the training step (issue #18).
+    element-wise compares: 2x faster for the pool's gradient in isolation (issue #18).
     """
     return _max_pool_2x2(x)
 
