@@ -55,8 +55,8 @@ def get_config(arg: str | None = None):
     c.data.patch_size = 252  # The half-resolution images (~388x261) need no padding for a 252 crop.
     # Fourth round (docs/accuracy.md): 2.5x the patches (15,000) gave F1 0.580 -> 0.676 at seed 0
     # (0.664 at seed 1, 32 minutes on 2 cores); 3.5x (21,000 patches; 6 epochs, 10,500 steps of
-    # batch 2, 43-45 minutes on 2 cores) with test-time augmentation gave 0.775 at seed 0 and
-    # 0.712 at seed 1.
+    # batch 2, 43-45 minutes on 2 cores) with test-time augmentation gave 0.775 at seed 0,
+    # 0.712 at seed 1 and 0.734 at seed 2 (fifth round).
     c.train.patches_per_epoch = 3500
     c.train.log_every = 50
     c.train.checkpoint_every = 500
