@@ -173,8 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
     # The batch and the tiles of inference are split over them like over GPUs. On the 2-core CI
     # machine 2 devices ran the width-1/16 step ~4% faster than 1 and tiled inference ~13% faster
     # (issue #18, docs/benchmarks.md): XLA's CPU ops leave the threads idle much of the step, and
-    # two programs fill some of the gaps. None =
-    # JAX's default (1, or XLA_FLAGS=--xla_force_host_platform_device_count, which takes precedence).
+    # two programs fill some of the gaps. None = JAX's default: 1, or
+    # XLA_FLAGS=--xla_force_host_platform_device_count, which takes precedence over this key.
     c.cpu_devices = config_dict.placeholder(int)
     return c
 

@@ -65,8 +65,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
         raise ValueError(f"config train.batch_size={b} and train.grad_accum_steps={k} must be >= 1")
     if b % (k * d):
         cpu_hint = ""
-        if config.get("cpu_devices") and jax.default_backend() == "cpu":
-            cpu_hint = f", or fewer CPU devices (--config.cpu_devices={max(1, b // k)})" if b % k == 0 else ""
+        if config.get("cpu_devices") and jax.default_backend() == "cpu" and b % k == 0:
+            cpu_hint = f", or fewer CPU devices (--config.cpu_devices={b // k})"
         raise ValueError(
             f"config train.batch_size={b} must be divisible by train.grad_accum_steps={k} times the "
             f"number of devices ({d}); e.g. use --config.train.batch_size={k * d * max(1, b // (k * d))}"

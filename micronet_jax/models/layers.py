@@ -57,6 +57,7 @@ def conv(features: int, kernel: int, dtype: Dtype, name: str | None = None) -> n
     )
 
 
+@jax.checkpoint
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool with stride 2, VALID (an odd last row or column is dropped), as a reshape + max.
 
@@ -66,14 +67,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     zeros, whose gradient ReLU discards anyway). Why: XLA's CPU backend runs ``max_pool``'s gradient
     as a reduce-window that tracks argmax indices with four materialised iotas, and this form as
     element-wise compares: 2x faster for the pool's gradient in isolation (issue #18).
+    Rematerialised (``jax.checkpoint``): the backward pass keeps only the input, as ``max_pool``
+    does, and recomputes the cheap max instead of also keeping the pooled output.
     """
-    return _max_pool_2x2(x)
-
-
-@jax.checkpoint
-def _max_pool_2x2(x: jax.Array) -> jax.Array:
-    # Rematerialised: the backward pass keeps only the input (as max_pool does) and recomputes the
-    # cheap max, instead of also keeping the pooled output under a second name.
     n, h, w, c = x.shape
     x = x[:, : h // 2 * 2, : w // 2 * 2]
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
