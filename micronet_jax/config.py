@@ -139,9 +139,11 @@ def base_config() -> ml_collections.ConfigDict:
     # connected components (a deviation when on; docs/accuracy.md).
     c.eval.split_distance = 0.0
     # data.target="contour" only: seeds are p(interior) > marker_threshold; the gland mask is
-    # p(interior) + p(boundary) > threshold; seeds smaller than min_marker_size px are dropped.
+    # p(interior) + p(boundary) > threshold; seeds smaller than min_marker_size px are dropped;
+    # marker_sigma > 0 smooths p(interior) by a Gaussian of that many px first (seeds and watershed).
     c.eval.marker_threshold = 0.5
     c.eval.min_marker_size = 30
+    c.eval.marker_sigma = 0.0
     c.eval.max_images = config_dict.placeholder(int)  # Evaluate only the first N images (smoke runs).
     c.eval.num_overlays = 4  # Overlay PNGs written per evaluation.
     # Whole-slide prediction (--mode=predict on SVS/TIFF/OME-TIFF; micronet_jax/wsi.py). Ordinary

@@ -79,7 +79,8 @@ def to_instances(prob: np.ndarray, eval_config) -> np.ndarray:
     if prob.shape[-1] == 3:
         return postprocess.contour_to_instances(
             prob, marker_threshold=float(eval_config.marker_threshold),
-            min_marker_size=int(eval_config.min_marker_size), **common,
+            min_marker_size=int(eval_config.min_marker_size),
+            marker_sigma=float(eval_config.marker_sigma), **common,
         )
     return postprocess.probability_to_instances(
         prob[..., 1], split_distance=float(eval_config.split_distance), **common)
@@ -356,7 +357,7 @@ def tune_checkpoint(
         probabilities, [ex.label for ex in examples],
         TUNE_THRESHOLDS, TUNE_MIN_SIZES, TUNE_OPENING_RADII, fill_holes=bool(config.eval.fill_holes),
         marker_thresholds=TUNE_MARKER_THRESHOLDS, min_marker_size=int(config.eval.min_marker_size),
-        split_distances=TUNE_SPLIT_DISTANCES,
+        split_distances=TUNE_SPLIT_DISTANCES, marker_sigma=float(config.eval.marker_sigma),
     )
     out = output_dir or os.path.join(checkpoint, f"tune_{split}")
     os.makedirs(out, exist_ok=True)

@@ -103,14 +103,20 @@ def probability_to_instances(
 
 def _contour_components(
     prob: np.ndarray, threshold: float, marker_threshold: float, min_marker_size: int,
-    fill_holes: bool, opening_radius: int,
+    fill_holes: bool, opening_radius: int, marker_sigma: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Marker-controlled watershed of a 3-class map; returns (labels, sizes indexed by label)."""
     prob = np.asarray(prob)
     if prob.ndim != 3 or prob.shape[-1] != 3:
         raise ValueError(f"need (H, W, 3) background/interior/boundary probabilities, got {prob.shape}")
-    interior = prob[..., 1]
-    mask = (interior + prob[..., 2]) > threshold
+    if marker_sigma < 0:
+        raise ValueError(f"marker_sigma must be >= 0, got {marker_sigma}")
+    mask = (prob[..., 1] + prob[..., 2]) > threshold
+    # A noisy interior map breaks one gland into several seeds; smoothing it first (seeds and
+    # watershed surface alike) keeps one seed per gland without moving the mask's outline.
+    interior = prob[..., 1].astype(np.float32)
+    if marker_sigma > 0:
+        interior = ndimage.gaussian_filter(interior, float(marker_sigma))
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     if opening_radius > 0:
@@ -134,16 +140,20 @@ def contour_to_instances(
     fill_holes: bool = True,
     opening_radius: int = 0,
     min_size: int = 300,
+    marker_sigma: float = 0.0,
 ) -> np.ndarray:
     """Background/interior/boundary probabilities (H, W, 3) -> int32 instance labels (``data.target=contour``).
 
     The gland mask is p(interior) + p(boundary) > ``threshold`` (holes filled, optional opening);
     connected regions of p(interior) > ``marker_threshold`` of at least ``min_marker_size`` px are the
     seeds; a watershed on -p(interior) grows each seed over the mask, so two touching glands split
-    along their shared boundary band. Objects under ``min_size`` px are then removed.
+    along their shared boundary band. Objects under ``min_size`` px are then removed. With
+    ``marker_sigma`` > 0, p(interior) is first smoothed by a Gaussian of that many px (seeds and
+    watershed surface; the mask is not).
     """
     labels, sizes = _contour_components(
-        prob, threshold, marker_threshold, int(min_marker_size), fill_holes, int(opening_radius)
+        prob, threshold, marker_threshold, int(min_marker_size), fill_holes, int(opening_radius),
+        float(marker_sigma),
     )
     return _size_filter_lut(sizes, int(min_size))[labels]
 
@@ -158,6 +168,7 @@ def tune_postprocess(
     marker_thresholds: Sequence[float] = (0.5,),
     min_marker_size: int = 30,
     split_distances: Sequence[float] = (0.0,),
+    marker_sigma: float = 0.0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Grid search of post-processing constants by pooled object F1, ties broken by pooled Object Dice.
 
@@ -199,7 +210,8 @@ def tune_postprocess(
         per_image = []
         for p, (g_c, n_g) in zip(prob_maps, gts):
             if contour:
-                labels, sizes = _contour_components(p, thr, mthr, min_marker_size, fill_holes, int(rad))
+                labels, sizes = _contour_components(p, thr, mthr, min_marker_size, fill_holes, int(rad),
+                                                    float(marker_sigma))
             else:
                 labels, sizes = _binary_components(p, thr, fill_holes, int(rad), mthr)
             n_c = sizes.size - 1
@@ -222,7 +234,8 @@ def tune_postprocess(
                 tot["s_area"] += int(d["s_area"].sum())
                 tot["g_area"] += int(d["g_area"].sum())
             rows.append({
-                **({"marker_threshold": float(mthr), "min_marker_size": int(min_marker_size)}
+                **({"marker_threshold": float(mthr), "min_marker_size": int(min_marker_size),
+                    "marker_sigma": float(marker_sigma)}
                    if contour else {"split_distance": float(mthr)}),
                 "threshold": float(thr),
                 "opening_radius": int(rad),
@@ -237,6 +250,6 @@ def tune_postprocess(
             })
     best_row = max(enumerate(rows), key=lambda t: (t[1]["f1"], t[1]["object_dice"], -t[0]))[1]
     keys = ("threshold", "fill_holes", "opening_radius", "min_size")
-    keys += ("marker_threshold", "min_marker_size") if contour else ("split_distance",)
+    keys += ("marker_threshold", "min_marker_size", "marker_sigma") if contour else ("split_distance",)
     best = {k: best_row[k] for k in keys}
     return best, rows

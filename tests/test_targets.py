@@ -92,6 +92,20 @@ def test_watershed_on_synthetic_crowded_glands_recovers_touching_pairs():
         assert abs(int(pred.max()) - n) <= max(1, n // 10)
 
 
+def test_marker_sigma_joins_seeds_of_one_noisy_gland_but_still_splits_touching_ones():
+    prob = np.zeros((50, 50, 3), np.float32)
+    prob[..., 0] = 1
+    prob[5:45, 5:45] = [0.05, 0.9, 0.05]
+    prob[5:45, 25] = [0.05, 0.3, 0.65]  # a one-pixel dip of p(interior) inside a single gland
+    assert contour_to_instances(prob, min_size=0, min_marker_size=5).max() == 2
+    assert contour_to_instances(prob, min_size=0, min_marker_size=5, marker_sigma=3).max() == 1
+    # A real boundary band between two touching glands survives the same smoothing.
+    touching = fake_contour_probabilities(two_touching_squares())
+    assert contour_to_instances(touching, min_size=0, min_marker_size=5, marker_sigma=2).max() == 2
+    with pytest.raises(ValueError, match="marker_sigma"):
+        contour_to_instances(prob, marker_sigma=-1)
+
+
 def test_orphan_mask_regions_without_a_seed_are_kept():
     prob = np.zeros((30, 30, 3), np.float32)
     prob[..., 0] = 1
