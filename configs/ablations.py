@@ -45,6 +45,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Three classes (background, gland interior, boundary band) and a marker-controlled watershed,
     # to separate touching glands (docs/accuracy.md). Not in the paper.
     "contour": {"data.target": "contour", "model.num_classes": 3},
+    # The same with the sixth round's watershed seeds: p(interior) smoothed by 4 px, seeds of at least
+    # 1000 px, so a noisy interior does not fragment one gland (docs/accuracy.md, GlaS-sized glands).
+    "contour_seeds": {"data.target": "contour", "model.num_classes": 3,
+                      "eval.min_marker_size": 1000, "eval.marker_sigma": 4.0},
     # Half resolution: a 508 patch sees four times the tissue (docs/accuracy.md). Not in the paper.
     "half_scale": {"data.scale": 0.5, "data.patch_size": 508},
     "bf16": {"model.dtype": "bfloat16"},  # bfloat16 compute (a no-op for glas, whose base is bf16).

@@ -132,7 +132,13 @@ def test_glas_cpu_default_is_the_252_recipe_and_keeps_the_508_one():
     assert core.total_steps(c) == 10_500 and core.total_steps(old) == 600
     assert c.eval.tta and not old.eval.tta
     assert (old.model.variant, old.data.crop_size) == (508, 508)
-    with pytest.raises(ValueError, match="':faithful' or ':508'"):
+    # :contour is the default plus the three-class target and the sixth round's watershed seeds.
+    contour = load_config("glas_cpu", "contour")
+    core.check_config(contour, num_devices=1)
+    assert (contour.data.target, contour.model.num_classes) == ("contour", 3)
+    assert (contour.eval.min_marker_size, contour.eval.marker_sigma) == (1000, 4.0)
+    assert core.total_steps(contour) == core.total_steps(c) and c.eval.marker_sigma == 0.0
+    with pytest.raises(ValueError, match="':508' or ':contour'"):
         load_config("glas_cpu", "fast")
 
 
