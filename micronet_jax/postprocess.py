@@ -101,22 +101,30 @@ def probability_to_instances(
     return _size_filter_lut(sizes, int(min_size))[labels]
 
 
-def _contour_components(
-    prob: np.ndarray, threshold: float, marker_threshold: float, min_marker_size: int,
-    fill_holes: bool, opening_radius: int, marker_sigma: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Marker-controlled watershed of a 3-class map; returns (labels, sizes indexed by label)."""
-    prob = np.asarray(prob)
+def _marker_surface(prob: np.ndarray, marker_sigma: float) -> np.ndarray:
+    """p(interior) of a 3-class map, Gaussian-smoothed by ``marker_sigma`` px when > 0.
+
+    A noisy interior map breaks one gland into several seeds; smoothing it first (seeds and watershed
+    surface alike) keeps one seed per gland without moving the mask's outline. Depends on the image
+    only, so the tuner computes it once per image, not once per grid point.
+    """
     if prob.ndim != 3 or prob.shape[-1] != 3:
         raise ValueError(f"need (H, W, 3) background/interior/boundary probabilities, got {prob.shape}")
     if marker_sigma < 0:
         raise ValueError(f"marker_sigma must be >= 0, got {marker_sigma}")
-    mask = (prob[..., 1] + prob[..., 2]) > threshold
-    # A noisy interior map breaks one gland into several seeds; smoothing it first (seeds and
-    # watershed surface alike) keeps one seed per gland without moving the mask's outline.
-    interior = prob[..., 1].astype(np.float32)
+    interior = prob[..., 1]
     if marker_sigma > 0:
-        interior = ndimage.gaussian_filter(interior, float(marker_sigma))
+        interior = ndimage.gaussian_filter(interior.astype(np.float32), float(marker_sigma))
+    return interior
+
+
+def _contour_components(
+    prob: np.ndarray, interior: np.ndarray, threshold: float, marker_threshold: float,
+    min_marker_size: int, fill_holes: bool, opening_radius: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Marker-controlled watershed of a 3-class map, seeded and flooded on ``interior``
+    (:func:`_marker_surface`); returns (labels, sizes indexed by label)."""
+    mask = (prob[..., 1] + prob[..., 2]) > threshold
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     if opening_radius > 0:
@@ -151,9 +159,10 @@ def contour_to_instances(
     ``marker_sigma`` > 0, p(interior) is first smoothed by a Gaussian of that many px (seeds and
     watershed surface; the mask is not).
     """
+    prob = np.asarray(prob)
     labels, sizes = _contour_components(
-        prob, threshold, marker_threshold, int(min_marker_size), fill_holes, int(opening_radius),
-        float(marker_sigma),
+        prob, _marker_surface(prob, float(marker_sigma)), threshold, marker_threshold,
+        int(min_marker_size), fill_holes, int(opening_radius),
     )
     return _size_filter_lut(sizes, int(min_size))[labels]
 
@@ -200,6 +209,11 @@ def tune_postprocess(
         gts.append((g_c, int(g_c.max()) if g_c.size else 0))
 
     contour = np.ndim(prob_maps[0]) == 3
+    if contour:
+        prob_maps = [np.asarray(p) for p in prob_maps]
+        surfaces = [_marker_surface(p, float(marker_sigma)) for p in prob_maps]
+    else:
+        surfaces = [None] * len(prob_maps)
     # The third axis of the grid: the watershed's seed threshold (contour) or the neck split (binary).
     third = tuple(marker_thresholds) if contour else tuple(float(d) for d in split_distances)
     if not third:
@@ -208,10 +222,10 @@ def tune_postprocess(
     for thr, rad, mthr in itertools.product(thresholds, opening_radii, third):
         # Per image: component x GT contingency once; each min_size just drops/merges rows of it.
         per_image = []
-        for p, (g_c, n_g) in zip(prob_maps, gts):
+        for p, surface, (g_c, n_g) in zip(prob_maps, surfaces, gts):
             if contour:
-                labels, sizes = _contour_components(p, thr, mthr, min_marker_size, fill_holes, int(rad),
-                                                    float(marker_sigma))
+                labels, sizes = _contour_components(p, surface, thr, mthr, min_marker_size, fill_holes,
+                                                    int(rad))
             else:
                 labels, sizes = _binary_components(p, thr, fill_holes, int(rad), mthr)
             n_c = sizes.size - 1
