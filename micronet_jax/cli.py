@@ -15,6 +15,7 @@ argparse and hand ``--config`` and its overrides to :func:`parse_config`, which 
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging as pylogging
 import os
 import re
@@ -106,6 +107,25 @@ def exit_with(message: str) -> None:
     sys.exit(2)
 
 
+def jax_platforms(platform: str, installed: Sequence[str] | None = None) -> str:
+    """The ``JAX_PLATFORMS`` value for ``config.platform``.
+
+    Why not "gpu" itself: jax 0.11 reads it as "cuda,rocm" and refuses to start when either plugin
+    is missing ("Unable to initialize backend 'rocm'", seen on the H200 with jax 0.11.2), so "gpu"
+    becomes the GPU backend whose plugin is installed, CUDA's if both are. With neither it stays
+    "gpu" and JAX says what is missing. ``installed``: distribution names (default: this
+    environment's).
+    """
+    if platform != "gpu":
+        return platform
+    if installed is None:
+        installed = [d.metadata["Name"] or "" for d in importlib.metadata.distributions()]
+    names = {n.lower().replace("_", "-") for n in installed}
+    found = [kind for kind in ("cuda", "rocm")
+             if any(n.startswith(f"jax-{kind}") and n.endswith(("-plugin", "-pjrt")) for n in names)]
+    return found[0] if found else platform
+
+
 def use_platform(config: ml_collections.ConfigDict) -> None:
     """``config.platform`` (cpu | gpu | tpu), when set, decides JAX's backend, and
     ``config.cpu_devices`` how many CPU devices JAX makes; both must precede JAX's first use of a
@@ -113,9 +133,10 @@ def use_platform(config: ml_collections.ConfigDict) -> None:
     ``XLA_FLAGS=--xla_force_host_platform_device_count`` (the tests' simulated devices) wins over
     ``cpu_devices``, and a process whose JAX already runs (a notebook, a test) keeps its devices."""
     if config.get("platform"):
-        os.environ["JAX_PLATFORMS"] = config.platform
+        platforms = jax_platforms(config.platform)
+        os.environ["JAX_PLATFORMS"] = platforms
         if "jax" in sys.modules:  # JAX reads the variable when it is imported; tell it directly too.
-            sys.modules["jax"].config.update("jax_platforms", config.platform)
+            sys.modules["jax"].config.update("jax_platforms", platforms)
     n = config.get("cpu_devices")
     if n is None or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return

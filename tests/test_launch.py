@@ -199,3 +199,16 @@ def test_tpu_train_passes_awkward_overrides_through_ssh_intact(fake_bin):
     assert gcloud[:6] == ["compute", "tpus", "tpu-vm", "ssh", "mn", "--worker=all"]
     remote = shlex.split(gcloud[gcloud.index("--command") + 1])  # What the workers' shell sees.
     assert remote[-1] == "--config.data.root=/a b/it's"
+
+
+def test_platform_gpu_names_the_installed_gpu_backend():
+    # jax 0.11 reads JAX_PLATFORMS=gpu as "cuda,rocm" and fails without the ROCm plugin (the H200).
+    from micronet_jax.cli import jax_platforms
+
+    assert jax_platforms("gpu", ["jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt"]) == "cuda"
+    assert jax_platforms("gpu", ["jax_cuda12_plugin"]) == "cuda"
+    assert jax_platforms("gpu", ["jax-rocm7-plugin", "jax-rocm7-pjrt"]) == "rocm"
+    assert jax_platforms("gpu", ["jax-rocm7-plugin", "jax-cuda13-plugin"]) == "cuda"
+    assert jax_platforms("gpu", ["jax", "jaxlib"]) == "gpu"  # JAX then says what is missing.
+    assert jax_platforms("cpu", ["jax-cuda13-plugin"]) == "cpu"
+    assert jax_platforms("tpu") == "tpu"
