@@ -144,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.marker_threshold = 0.5
     c.eval.min_marker_size = 30
     c.eval.marker_sigma = 0.0
+    # --mode=tune's grid in this many processes; None = one per available core once the grid is
+    # large enough to pay for their start-up (on the H200's 16-core host it ran on one core for a
+    # third of the speedrun); 1 = in this process.
+    c.eval.tune_workers = config_dict.placeholder(int)
     c.eval.max_images = config_dict.placeholder(int)  # Evaluate only the first N images (smoke runs).
     c.eval.num_overlays = 4  # Overlay PNGs written per evaluation.
     # Whole-slide prediction (--mode=predict on SVS/TIFF/OME-TIFF; micronet_jax/wsi.py). Ordinary

@@ -358,6 +358,7 @@ def tune_checkpoint(
         TUNE_THRESHOLDS, TUNE_MIN_SIZES, TUNE_OPENING_RADII, fill_holes=bool(config.eval.fill_holes),
         marker_thresholds=TUNE_MARKER_THRESHOLDS, min_marker_size=int(config.eval.min_marker_size),
         split_distances=TUNE_SPLIT_DISTANCES, marker_sigma=float(config.eval.marker_sigma),
+        workers=config.eval.get("tune_workers"),
     )
     out = output_dir or os.path.join(checkpoint, f"tune_{split}")
     os.makedirs(out, exist_ok=True)
