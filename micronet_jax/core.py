@@ -84,6 +84,26 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
             f"config data.crop_size={config.data.crop_size} must equal model.variant="
             f"{config.model.variant} (the network takes exactly that input size)"
         )
+    check_eval_config(config.eval)
+
+
+# eval.* keys and the least each may be (None where the key may be unset); thresholds are also <= 1.
+_EVAL_MINIMA = {"threshold": 0.0, "marker_threshold": 0.0, "opening_radius": 0, "min_size": 0,
+                "min_marker_size": 0, "split_distance": 0.0, "marker_sigma": 0.0, "margin": 0,
+                "tile_batch": 1, "tune_workers": 1}
+
+
+def check_eval_config(eval_config: ml_collections.ConfigDict) -> None:
+    """Fails before training, naming the key, on post-processing constants that validation would
+    only refuse after the last step (a negative smoothing, a threshold above 1)."""
+    for key, least in _EVAL_MINIMA.items():
+        value = eval_config.get(key)
+        if value is None:
+            continue
+        high = 1.0 if key.endswith("threshold") else None
+        if value < least or (high is not None and value > high):
+            span = f"in [{least}, {high}]" if high is not None else f">= {least}"
+            raise ValueError(f"config eval.{key}={value} must be {span}")
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

@@ -163,3 +163,19 @@ def test_sampler_emits_the_contour_classes_of_the_warped_crop():
     # Class-balanced over three classes: the band pixels are the rarest, so the heaviest.
     w, lab = sample["weight"], sample["label"]
     assert np.median(w[lab == 2]) > np.median(w[lab == 1])
+
+
+def test_bad_post_processing_constants_are_refused_before_training():
+    # Validation would refuse them only after the last step; check_config names the key first.
+    from micronet_jax.config import base_config
+    from micronet_jax.core import check_config
+
+    for key, value, message in [("marker_sigma", -1.0, r"eval.marker_sigma=-1.0 must be >= 0"),
+                                ("threshold", 1.5, r"eval.threshold=1.5 must be in \[0.0, 1.0\]"),
+                                ("min_size", -5, r"eval.min_size=-5 must be >= 0"),
+                                ("tune_workers", 0, r"eval.tune_workers=0 must be >= 1")]:
+        c = base_config()
+        c.eval[key] = value
+        with pytest.raises(ValueError, match=message):
+            check_config(c, 1)
+    check_config(base_config(), 1)
