@@ -302,10 +302,14 @@ def _worker_grid_point(point: tuple[float, int, float]) -> list[tuple[np.ndarray
 
 
 def _spawn_can_start_main() -> bool:
-    """Whether spawned workers can re-import ``__main__`` (a script read from stdin cannot: its
-    workers die at start and the pool waits for them); then the grid runs in-process."""
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    return main_file is None or os.path.exists(main_file)
+    """Whether spawned workers can start without running the caller's script again.
+
+    A spawned worker re-imports ``__main__``: harmless for a module run with ``python -m`` (the
+    command line) or a session without a script file (``python -c``, a notebook), but a plain script
+    would run again in every worker (and an unguarded one then hangs the pool, seen with a script
+    that called this at its top level). Such callers get the grid in-process."""
+    main = sys.modules.get("__main__")
+    return getattr(main, "__spec__", None) is not None or not getattr(main, "__file__", None)
 
 
 # Below this many pixel-labellings (grid points x pixels) a pool's start-up (a second or two per

@@ -134,9 +134,13 @@ def test_tune_postprocess_searches_split_distance() -> None:
     assert best["split_distance"] == 3.0 and probability_to_instances(p, **best).max() == 2
 
 
-def test_tune_postprocess_in_worker_processes_gives_the_same_rows(caplog) -> None:
+def test_tune_postprocess_in_worker_processes_gives_the_same_rows(caplog, monkeypatch) -> None:
     # The grid in 2 spawned processes (what a 16-core GPU host does by default) against in-process,
-    # for the binary grid with the neck split and for the contour grid.
+    # for the binary grid with the neck split and for the contour grid. pytest's own entry script
+    # is guarded, so its workers may re-import it even when it is started as a plain script.
+    import micronet_jax.postprocess as pp
+
+    monkeypatch.setattr(pp, "_spawn_can_start_main", lambda: True)
     rng = np.random.default_rng(3)
     p, gt = _two_touching_discs()
     probs = [np.clip(p + rng.normal(0, 0.15, p.shape), 0, 1).astype(np.float32) for _ in range(3)]
@@ -147,3 +151,21 @@ def test_tune_postprocess_in_worker_processes_gives_the_same_rows(caplog) -> Non
               marker_sigma=1.0)
     assert tune_postprocess(three, [gt] * 3, workers=2, **kw) == tune_postprocess(three, [gt] * 3, **kw)
     assert "worker processes failed" not in caplog.text  # The pool ran; no in-process fallback.
+
+
+def test_tuning_stays_in_process_for_a_plain_script(monkeypatch) -> None:
+    # Spawned workers would run a plain script's top level again; `python -m` and `-c` are safe.
+    import sys
+    import types
+
+    import micronet_jax.postprocess as pp
+
+    script = types.ModuleType("__main__")
+    script.__file__, script.__spec__ = "/some/script.py", None
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    assert not pp._spawn_can_start_main()
+    script.__spec__ = types.SimpleNamespace(name="micronet_jax.main")
+    assert pp._spawn_can_start_main()
+    del script.__file__
+    script.__spec__ = None
+    assert pp._spawn_can_start_main()
