@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -230,7 +230,7 @@ def tune_postprocess(
         raise ValueError("marker_thresholds / split_distances must be non-empty")
     rows: list[dict[str, Any]] = []
     points = list(itertools.product(thresholds, opening_radii, third))
-    state = (prob_maps, surfaces, gts, contour, int(min_marker_size), bool(fill_holes))
+    state = _GridInputs(prob_maps, surfaces, gts, contour, int(min_marker_size), bool(fill_holes))
     for (thr, rad, mthr), per_image in zip(points, _map_grid(state, points, workers)):
         for ms in min_sizes:
             tot = dict(tp=0, fp=0, fn=0, s_dice=0.0, s_area=0, g_dice=0.0, g_area=0)
@@ -269,19 +269,29 @@ def tune_postprocess(
     return best, rows
 
 
-def _grid_point(state: tuple, point: tuple[float, int, float]) -> list[tuple[np.ndarray, np.ndarray]]:
+class _GridInputs(NamedTuple):
+    """What every grid point of :func:`tune_postprocess` reads; sent once to each worker process."""
+
+    prob_maps: list  # (H, W) foreground or (H, W, 3) contour maps
+    surfaces: list  # per image: the smoothed p(interior) (contour) or None
+    gts: list  # per image: (compact GT labels, number of GT objects)
+    contour: bool
+    min_marker_size: int
+    fill_holes: bool
+
+
+def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per image, the component x GT contingency and the component sizes at one grid point.
 
     Each ``min_size`` of the grid then only drops rows of these (:func:`tune_postprocess`)."""
-    prob_maps, surfaces, gts, contour, min_marker_size, fill_holes = state
     thr, rad, third = point
     per_image = []
-    for p, surface, (g_c, n_g) in zip(prob_maps, surfaces, gts):
-        if contour:
-            labels, sizes = _contour_components(p, surface, thr, third, min_marker_size, fill_holes,
-                                                int(rad))
+    for p, surface, (g_c, n_g) in zip(state.prob_maps, state.surfaces, state.gts):
+        if state.contour:
+            labels, sizes = _contour_components(p, surface, thr, third, state.min_marker_size,
+                                                state.fill_holes, int(rad))
         else:
-            labels, sizes = _binary_components(p, thr, fill_holes, int(rad), third)
+            labels, sizes = _binary_components(p, thr, state.fill_holes, int(rad), third)
         n_c = sizes.size - 1
         idx = labels.ravel().astype(np.intp) * (n_g + 1) + g_c.ravel()
         cont = np.bincount(idx, minlength=(n_c + 1) * (n_g + 1)).reshape(n_c + 1, n_g + 1)
@@ -289,10 +299,10 @@ def _grid_point(state: tuple, point: tuple[float, int, float]) -> list[tuple[np.
     return per_image
 
 
-_WORKER_STATE: tuple | None = None  # The tuning inputs, sent once to each worker process.
+_WORKER_STATE: _GridInputs | None = None  # Set in each worker process by _init_worker.
 
 
-def _init_worker(state: tuple) -> None:
+def _init_worker(state: _GridInputs) -> None:
     global _WORKER_STATE
     _WORKER_STATE = state
 
@@ -317,10 +327,10 @@ def _spawn_can_start_main() -> bool:
 _PARALLEL_MIN_WORK = 5e7
 
 
-def _map_grid(state: tuple, points: list, workers: int | None):
+def _map_grid(state: _GridInputs, points: list, workers: int | None):
     """:func:`_grid_point` over ``points``, in order, in-process or in a pool of ``workers``."""
     if workers is None:
-        pixels = sum(int(np.prod(np.shape(p)[:2])) for p in state[0])
+        pixels = sum(int(np.prod(np.shape(p)[:2])) for p in state.prob_maps)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         workers = 1 if len(points) * pixels < _PARALLEL_MIN_WORK else int(cores or 1)
     workers = max(1, min(int(workers), len(points)))
