@@ -2,7 +2,8 @@
 
 The step of :func:`micronet_jax.core.make_setup` is pure, so vmapping it over a stacked state and a
 stacked batch (split over a ``seed`` mesh of the local devices when the seeds divide evenly over
-them) trains S independent models in one program: each seed keeps its own initialisation and its
+them, each device running its own seeds: :func:`seeds_per_device`) trains S independent models in
+one program: each seed keeps its own initialisation and its
 own data stream; only the compiled code is shared. ``tests/test_ablation.py`` checks that this
 equals training each seed alone. The ablation runner (``micronet_jax.ablation``) builds on it.
 """
@@ -64,6 +65,21 @@ def seed_mesh(num_seeds: int) -> jax.sharding.Mesh:
     """A ``seed`` mesh over the local devices when the seeds divide evenly over them, else over one."""
     devices = jax.local_devices()
     return core.make_mesh("seed", devices if num_seeds % len(devices) == 0 else devices[:1])
+
+
+def seeds_per_device(step_fn: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``vmap(step_fn)`` run by each device of the ``seed`` mesh on its own seeds: a ``shard_map``.
+
+    Why not let jit partition ``vmap(step_fn)`` over the seed axis: the seeds never communicate, and
+    XLA's partitioner got that program wrong. Vmapped over seeds, a convolution has one kernel per
+    seed (a grouped convolution); split over 2 CPU devices (jax 0.10.2), every 1x1 one (the fuse
+    convs of the up blocks, the heads) gathered all seeds' channels and returned other seeds'
+    features, so a 2-device sweep trained different models from its seeds trained alone. Under
+    ``shard_map`` nothing is partitioned: each device runs the one-device program on its slice.
+    ``tests/test_ablation.py`` checks both layouts against seeds trained alone.
+    """
+    spec = jax.sharding.PartitionSpec(mesh.axis_names[0])
+    return jax.shard_map(jax.vmap(step_fn), mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec))
 
 
 # ------------------------------------------------------------------------------ training
@@ -131,7 +147,7 @@ class Programs:
             return self._compiled[key], 0.0
         where = core.split(mesh) if vmap_seeds else core.replicated(mesh)
         step = core.compile_train_step(
-            jax.vmap(self.setup.step_fn) if vmap_seeds else self.setup.step_fn,
+            seeds_per_device(self.setup.step_fn, mesh) if vmap_seeds else self.setup.step_fn,
             core.state_shardings(state, mesh, where), where, where)
         t0 = time.perf_counter()
         self._compiled[key] = step.lower(state, batch).compile()
