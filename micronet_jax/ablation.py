@@ -290,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
     # A bad key fails here, before JAX starts; the base config's platform picks the backend.
     base = args.config or str(Path(args.variants_file).parent / abl.SWEEPS[args.sweep]["base"])
     overrides = config_overrides(rest, base)
-    cli.use_platform(abl.variant_config(abl.BASELINE, args.sweep, overrides, base=args.config))
+    cli.use_platform(abl.variant_config(abl.BASELINE, args.sweep, overrides, base=args.config),
+                     restart=argv is None)  # Only as a program: see cli.restart_with_hugepages.
     rows = cli.run_guarded(run_sweep, args.workdir, sweep=args.sweep, variants=variants, seeds=seeds,
                            overrides=overrides, steps=args.steps, vmap_seeds=args.vmap_seeds,
                            variants_file=args.variants_file, base=args.config)
@@ -304,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
 def run() -> None:
     """Console entry point: one logging set-up, as ``micronet_jax.main``."""
     cli.setup_logging()
-    main(sys.argv[1:])
+    main()  # argv None: the command line's own arguments, and this process may restart (cli.py).
 
 
 if __name__ == "__main__":

@@ -455,7 +455,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections.
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints the tables and returns ``{"meta", "train", "inference"}``."""
     args, config = parse_args(list(sys.argv[1:] if argv is None else argv))
-    cli.use_platform(config)
+    cli.use_platform(config, restart=argv is None)  # Only as a program: see cli.restart_with_hugepages.
     if args.tile_batch is not None:
         config.eval.tile_batch = args.tile_batch
     if args.steps < 1 or args.warmup < 0 or args.images < 1:

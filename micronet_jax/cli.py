@@ -4,7 +4,9 @@
   an unknown key is one line naming it, with absl's did-you-mean hint; a value written as a fraction
   (``--config.model.width=1/64``) is read as that float.
 * The platform: ``config.platform``, when set, becomes ``JAX_PLATFORMS`` before JAX picks a backend
-  (:func:`use_platform`); otherwise the environment decides.
+  (:func:`use_platform`); otherwise the environment decides. A CPU run started from the command line
+  restarts itself once so that glibc's malloc asks for transparent huge pages
+  (:func:`restart_with_hugepages`, ``config.cpu_hugepages``).
 * Errors caused by the input or the config (:data:`USER_ERRORS`) end in one line and exit status 2;
   ``MICRONET_DEBUG=1`` shows the traceback instead (:func:`run_guarded`).
 * Logging: the package logs at INFO, libraries (orbax, JAX, grain) at WARNING (:func:`setup_logging`).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging as pylogging
 import os
+import platform as pyplatform
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -126,12 +129,77 @@ def jax_platforms(platform: str, installed: Sequence[str] | None = None) -> str:
     return found[0] if found else platform
 
 
-def use_platform(config: ml_collections.ConfigDict) -> None:
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _thp_mode(path: str = THP_MODE_FILE) -> str | None:
+    """The kernel's transparent-huge-page mode (always | madvise | never), or None if unreadable."""
+    try:
+        with open(path) as f:
+            found = re.search(r"\[(\w+)\]", f.read())
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def hugepage_environment(config: ml_collections.ConfigDict, environ: dict[str, str] | None = None,
+                         thp_mode: str | None = None, libc: str | None = None) -> dict[str, str] | None:
+    """The environment to restart a CPU run in so that malloc asks for transparent huge pages, or
+    None when a restart would change nothing.
+
+    Why: XLA's CPU runtime allocates the step's buffers afresh each step, and glibc serves the large
+    ones with new mmaps, so every step faults in its working set 4 KiB at a time: 0.25 s of system
+    time in a 0.97 s step of ``configs/default.py`` on the 2-core CI machine. With
+    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc marks its mappings MADV_HUGEPAGE, the faults come
+    in 2 MiB pages, and the step took 0.88-0.90 s (issue #18, docs/benchmarks.md). glibc reads the
+    variable only when a process starts, hence the restart. Nothing changes where the run is not on
+    the CPU (``config.platform != "cpu"``), ``config.cpu_hugepages`` is off, the C library is not
+    glibc, the kernel's mode is not ``madvise`` (``always`` already gives huge pages; ``never``
+    refuses them), or ``GLIBC_TUNABLES`` already sets ``glibc.malloc.hugetlb`` (the user's choice,
+    or a process that has restarted already, so there is never a second restart).
+    """
+    environ = dict(os.environ if environ is None else environ)
+    if config.get("platform") != "cpu" or not config.get("cpu_hugepages", False):
+        return None
+    if (libc if libc is not None else pyplatform.libc_ver()[0]) != "glibc":
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables:
+        return None
+    if (thp_mode if thp_mode is not None else _thp_mode()) != "madvise":
+        return None
+    environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE
+    return environ
+
+
+def restart_with_hugepages(config: ml_collections.ConfigDict) -> None:
+    """Replaces this process by the same command in :func:`hugepage_environment`, when there is one.
+
+    Only for a process that a command line started (``sys.orig_argv``); it keeps its PID, so a
+    scheduler's or a test's signals still reach it. Call it before anything is written or started.
+    """
+    env = hugepage_environment(config)
+    if env is None or not getattr(sys, "orig_argv", None):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as e:  # Not worth stopping for: run on, with 4 KiB pages.
+        absl_logging.warning("could not restart with %s (%s); running without it", HUGEPAGE_TUNABLE, e)
+
+
+def use_platform(config: ml_collections.ConfigDict, restart: bool = False) -> None:
     """``config.platform`` (cpu | gpu | tpu), when set, decides JAX's backend, and
     ``config.cpu_devices`` how many CPU devices JAX makes; both must precede JAX's first use of a
     device. None leaves ``JAX_PLATFORMS`` (or JAX's own choice) alone. An explicit
     ``XLA_FLAGS=--xla_force_host_platform_device_count`` (the tests' simulated devices) wins over
-    ``cpu_devices``, and a process whose JAX already runs (a notebook, a test) keeps its devices."""
+    ``cpu_devices``, and a process whose JAX already runs (a notebook, a test) keeps its devices.
+    ``restart``: the caller is a command line's entry point, which may :func:`restart_with_hugepages`
+    first (never a library call: it would replace the caller's process)."""
+    if restart:
+        restart_with_hugepages(config)
     if config.get("platform"):
         platforms = jax_platforms(config.platform)
         os.environ["JAX_PLATFORMS"] = platforms

@@ -182,6 +182,13 @@ def base_config() -> ml_collections.ConfigDict:
     # two programs fill some of the gaps. None = JAX's default: 1, or
     # XLA_FLAGS=--xla_force_host_platform_device_count, which takes precedence over this key.
     c.cpu_devices = config_dict.placeholder(int)
+    # A CPU run (platform=cpu) started from the command line restarts itself once with
+    # GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that glibc's malloc asks the kernel for transparent
+    # huge pages: the step's buffers are faulted in 2 MiB at a time instead of 4 KiB. The width-1/16
+    # step took 0.88-0.90 s instead of 0.95-0.98 s on the 2-core CI machine (issue #18,
+    # docs/benchmarks.md). No effect off Linux/glibc, where the kernel's THP mode is not "madvise",
+    # or where GLIBC_TUNABLES already sets glibc.malloc.hugetlb (cli.hugepage_environment).
+    c.cpu_hugepages = True
     return c
 
 

@@ -71,7 +71,8 @@ def main(argv: list[str]) -> None:
         config.get("platform")
     except OSError as e:  # ml_collections defers a failed config-file load to first access.
         cli.exit_with(f"could not load --config: {str(e).splitlines()[-1].strip()}")
-    cli.use_platform(config)
+    # A command line's own process: a CPU run may restart itself once with huge pages (config.py).
+    cli.use_platform(config, restart=_MODE.value != "summary")
     cli.run_guarded(_run_mode, config)
 
 

@@ -212,3 +212,53 @@ def test_platform_gpu_names_the_installed_gpu_backend():
     assert jax_platforms("gpu", ["jax", "jaxlib"]) == "gpu"  # JAX then says what is missing.
     assert jax_platforms("cpu", ["jax-cuda13-plugin"]) == "cpu"
     assert jax_platforms("tpu") == "tpu"
+
+
+def _cpu_config(**keys):
+    import ml_collections
+
+    return ml_collections.ConfigDict({"platform": "cpu", "cpu_hugepages": True, **keys})
+
+
+def test_cpu_runs_ask_for_huge_pages_once_and_only_where_it_changes_something():
+    # Issue #18: glibc faulted the step's buffers in 4 KiB pages; its hugetlb tunable is read at start-up.
+    from micronet_jax.cli import HUGEPAGE_TUNABLE, hugepage_environment
+
+    env = hugepage_environment(_cpu_config(), {"PATH": "/bin"}, thp_mode="madvise", libc="glibc")
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": HUGEPAGE_TUNABLE}
+    kept = hugepage_environment(_cpu_config(), {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                                thp_mode="madvise", libc="glibc")
+    assert kept["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGEPAGE_TUNABLE}"
+    # Nothing to gain, or the user's (or an earlier restart's) own setting: no restart.
+    for config, environ, mode, libc in [
+        (_cpu_config(platform="gpu"), {}, "madvise", "glibc"),
+        (_cpu_config(platform=None), {}, "madvise", "glibc"),
+        (_cpu_config(cpu_hugepages=False), {}, "madvise", "glibc"),
+        (_cpu_config(), {}, "always", "glibc"),
+        (_cpu_config(), {}, "never", "glibc"),
+        (_cpu_config(), {}, "madvise", ""),  # musl, macOS
+        (_cpu_config(), {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", "glibc"),
+        (_cpu_config(), {"GLIBC_TUNABLES": HUGEPAGE_TUNABLE}, "madvise", "glibc"),
+    ]:
+        assert hugepage_environment(config, environ, thp_mode=mode, libc=libc) is None, (config, environ, mode)
+
+
+def test_the_restart_reruns_the_same_command_in_the_same_process():
+    # What `python -c` sees twice: before the restart and after it. Same PID, the tunable set once.
+    import platform
+    import sys
+
+    from micronet_jax import cli
+
+    code = ("import os, ml_collections; from micronet_jax import cli; print(os.getpid(), flush=True); "
+            "cli.use_platform(ml_collections.ConfigDict({'platform': 'cpu', 'cpu_hugepages': True, "
+            "'cpu_devices': None}), restart=True); print('tunables', os.environ.get('GLIBC_TUNABLES'))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=REPO, check=True).stdout.split("\n")
+    restarts = cli._thp_mode() == "madvise" and platform.libc_ver()[0] == "glibc"
+    if restarts:
+        assert out[0] == out[1], out  # Printed by the first process and again after the exec: one PID.
+        assert out[2] == f"tunables {cli.HUGEPAGE_TUNABLE}", out
+    else:
+        assert out[1] == "tunables None", out
