@@ -375,6 +375,7 @@ def _meta(args: argparse.Namespace, config: ml_collections.ConfigDict, forward_f
         "peak_tflops": args.peak_tflops,
         "compilation_cache_dir": getattr(jax.config, "jax_compilation_cache_dir", None)
         or os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+        "malloc_hugepages": cli.malloc_hugepages(),  # config.cpu_hugepages's restart, or the user's.
     }
 
 
@@ -478,7 +479,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = _meta(args, config, flops)
     print(f"Micro-Net-{meta['variant']} width={meta['width']:g}: {meta['forward_tflop_per_patch']:.4f} "
           f"TFLOP forward per patch (training step: 3x). Device: {meta['device_count']} x "
-          f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax']}.", flush=True)
+          f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax']}"
+          + (f", malloc huge pages {'on' if meta['malloc_hugepages'] else 'off'}"
+             if meta["platform"] == "cpu" else "") + ".", flush=True)
     if args.steps < 20:
         print(f"note: median of {args.steps} steps (< 20): a quick check, not a benchmark.")
     if meta["compilation_cache_dir"]:

@@ -173,6 +173,14 @@ def hugepage_environment(config: ml_collections.ConfigDict, environ: dict[str, s
     return environ
 
 
+def malloc_hugepages(environ: dict[str, str] | None = None) -> bool:
+    """Whether this process's glibc malloc started with huge pages (``glibc.malloc.hugetlb`` 1 or 2),
+    for the logs and the benchmark's metadata: a restart is otherwise invisible."""
+    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
+    found = re.findall(r"glibc\.malloc\.hugetlb=(\d+)", tunables)
+    return bool(found) and found[-1] != "0"
+
+
 def restart_with_hugepages(config: ml_collections.ConfigDict) -> None:
     """Replaces this process by the same command in :func:`hugepage_environment`, when there is one.
 

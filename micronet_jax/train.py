@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
-from micronet_jax import checkpointing, preemption
+from micronet_jax import checkpointing, cli, preemption
 from micronet_jax import workdir as workdir_lib
 from micronet_jax.core import Trainer, TrainState, global_batch
 from micronet_jax.evaluate import format_hausdorff
@@ -116,6 +116,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Sto
         config.train.batch_size, config.train.batch_size // jax.process_count(),
         config.train.batch_size // jax.device_count(), trainer.total_steps, trainer.steps_per_epoch,
     )
+    if jax.devices()[0].platform == "cpu":
+        logger.info("glibc malloc %s transparent huge pages (config.cpu_hugepages, cli.py)",
+                    "with" if cli.malloc_hugepages() else "without")
     # Data: every process builds the same source and reads its own disjoint slice of each batch.
     source = TrainSource.for_training(config.data)
     val_examples = validation_examples(config)

@@ -262,3 +262,13 @@ def test_the_restart_reruns_the_same_command_in_the_same_process():
         assert out[2] == f"tunables {cli.HUGEPAGE_TUNABLE}", out
     else:
         assert out[1] == "tunables None", out
+
+
+def test_logs_say_whether_malloc_got_huge_pages():
+    from micronet_jax.cli import malloc_hugepages
+
+    assert malloc_hugepages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    assert malloc_hugepages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2"})
+    assert not malloc_hugepages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert not malloc_hugepages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert not malloc_hugepages({})
