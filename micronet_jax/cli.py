@@ -186,9 +186,11 @@ def restart_with_hugepages(config: ml_collections.ConfigDict) -> None:
 
     Only for a process that a command line started (``sys.orig_argv``); it keeps its PID, so a
     scheduler's or a test's signals still reach it. Call it before anything is written or started.
+    Never for a program read from standard input (``python - < script``, ``sys.argv[0]`` "-" or
+    ""): that input is spent, and the restarted process would silently run nothing.
     """
     env = hugepage_environment(config)
-    if env is None or not getattr(sys, "orig_argv", None):
+    if env is None or not getattr(sys, "orig_argv", None) or sys.argv[0] in ("", "-"):
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -186,8 +186,9 @@ def base_config() -> ml_collections.ConfigDict:
     # GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that glibc's malloc asks the kernel for transparent
     # huge pages: the step's buffers are faulted in 2 MiB at a time instead of 4 KiB. The width-1/16
     # step took 0.88-0.90 s instead of 0.95-0.98 s on a 2-core Intel Xeon, 0.54-0.63 s instead of
-    # 0.70-0.82 s on a 2-core AMD EPYC (issue #18, docs/benchmarks.md). No effect off Linux/glibc, where the kernel's THP mode is not "madvise",
-    # or where GLIBC_TUNABLES already sets glibc.malloc.hugetlb (cli.hugepage_environment).
+    # 0.70-0.82 s on a 2-core AMD EPYC (issue #18, docs/benchmarks.md). No effect off Linux/glibc,
+    # where the kernel's THP mode is not "madvise", or where GLIBC_TUNABLES already sets
+    # glibc.malloc.hugetlb (cli.hugepage_environment).
     c.cpu_hugepages = True
     return c
 

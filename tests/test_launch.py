@@ -272,3 +272,17 @@ def test_logs_say_whether_malloc_got_huge_pages():
     assert not malloc_hugepages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert not malloc_hugepages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert not malloc_hugepages({})
+
+
+def test_a_program_read_from_stdin_is_never_restarted():
+    # Its input is spent: a restarted `python - < script` would run nothing and exit 0.
+    import sys
+
+    code = ("import os, ml_collections; from micronet_jax import cli; "
+            "cli.use_platform(ml_collections.ConfigDict({'platform': 'cpu', 'cpu_hugepages': True, "
+            "'cpu_devices': None}), restart=True); print('ran', os.environ.get('GLIBC_TUNABLES'))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "GLIBC_TUNABLES"}
+    for argv in ([sys.executable, "-"], [sys.executable]):
+        out = subprocess.run(argv, input=code, env=env, capture_output=True, text=True, timeout=120,
+                             cwd=REPO, check=True).stdout
+        assert out == "ran None\n", (argv, out)
