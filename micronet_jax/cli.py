@@ -165,7 +165,7 @@ def hugepage_environment(config: ml_collections.ConfigDict, environ: dict[str, s
     if (libc if libc is not None else pyplatform.libc_ver()[0]) != "glibc":
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables:
+    if _hugetlb_setting(tunables) is not None:
         return None
     if (thp_mode if thp_mode is not None else _thp_mode()) != "madvise":
         return None
@@ -176,9 +176,14 @@ def hugepage_environment(config: ml_collections.ConfigDict, environ: dict[str, s
 def malloc_hugepages(environ: dict[str, str] | None = None) -> bool:
     """Whether this process's glibc malloc started with huge pages (``glibc.malloc.hugetlb`` 1 or 2),
     for the logs and the benchmark's metadata: a restart is otherwise invisible."""
-    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
-    found = re.findall(r"glibc\.malloc\.hugetlb=(\d+)", tunables)
-    return bool(found) and found[-1] != "0"
+    setting = _hugetlb_setting((os.environ if environ is None else environ).get("GLIBC_TUNABLES", ""))
+    return setting not in (None, "0")
+
+
+def _hugetlb_setting(tunables: str) -> str | None:
+    """The value ``GLIBC_TUNABLES`` gives ``glibc.malloc.hugetlb`` (the last one wins), or None."""
+    found = re.findall(r"glibc\.malloc\.hugetlb=([^:]*)", tunables)
+    return found[-1] if found else None
 
 
 def restart_with_hugepages(config: ml_collections.ConfigDict) -> None:

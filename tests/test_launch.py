@@ -220,6 +220,13 @@ def _cpu_config(**keys):
     return ml_collections.ConfigDict({"platform": "cpu", "cpu_hugepages": True, **keys})
 
 
+# A command-line program that asks for the huge-page restart, then prints GLIBC_TUNABLES after `label`.
+_RESTARTING_PROGRAM = (
+    "import os, ml_collections; from micronet_jax import cli; {before}"
+    "cli.use_platform(ml_collections.ConfigDict({{'platform': 'cpu', 'cpu_hugepages': True, "
+    "'cpu_devices': None}}), restart=True); print('{label}', os.environ.get('GLIBC_TUNABLES'))")
+
+
 def test_cpu_runs_ask_for_huge_pages_once_and_only_where_it_changes_something():
     # Issue #18: glibc faulted the step's buffers in 4 KiB pages; its hugetlb tunable is read at start-up.
     from micronet_jax.cli import HUGEPAGE_TUNABLE, hugepage_environment
@@ -250,9 +257,7 @@ def test_the_restart_reruns_the_same_command_in_the_same_process():
 
     from micronet_jax import cli
 
-    code = ("import os, ml_collections; from micronet_jax import cli; print(os.getpid(), flush=True); "
-            "cli.use_platform(ml_collections.ConfigDict({'platform': 'cpu', 'cpu_hugepages': True, "
-            "'cpu_devices': None}), restart=True); print('tunables', os.environ.get('GLIBC_TUNABLES'))")
+    code = _RESTARTING_PROGRAM.format(before="print(os.getpid(), flush=True); ", label="tunables")
     env = {k: v for k, v in __import__("os").environ.items() if k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, cwd=REPO, check=True).stdout.split("\n")
@@ -278,9 +283,7 @@ def test_a_program_read_from_stdin_is_never_restarted():
     # Its input is spent: a restarted `python - < script` would run nothing and exit 0.
     import sys
 
-    code = ("import os, ml_collections; from micronet_jax import cli; "
-            "cli.use_platform(ml_collections.ConfigDict({'platform': 'cpu', 'cpu_hugepages': True, "
-            "'cpu_devices': None}), restart=True); print('ran', os.environ.get('GLIBC_TUNABLES'))\n")
+    code = _RESTARTING_PROGRAM.format(before="", label="ran") + "\n"
     env = {k: v for k, v in __import__("os").environ.items() if k != "GLIBC_TUNABLES"}
     for argv in ([sys.executable, "-"], [sys.executable]):
         out = subprocess.run(argv, input=code, env=env, capture_output=True, text=True, timeout=120,
