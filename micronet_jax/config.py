@@ -134,6 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.fill_holes = True
     c.eval.opening_radius = 0  # Binary opening with a disk; 0 = off.
     c.eval.min_size = 300  # Remove objects smaller than this many pixels (§7.17).
+    # Least size of objects that touch the image's frame, px; None = min_size (the paper). Glands cut by
+    # the frame of a GlaS image are counted as objects however small the part inside (a deviation
+    # when set; docs/accuracy.md). Images and folders only: a whole slide's region edges are not frames.
+    c.eval.border_min_size = config_dict.placeholder(int)
     # Two classes only: > 0 splits glands joined by a neck, by a watershed of the mask's distance
     # transform seeded by its h-maxima of this height (px at the image's resolution). 0 = the paper's
     # connected components (a deviation when on; docs/accuracy.md).

@@ -75,6 +75,7 @@ def to_instances(prob: np.ndarray, eval_config) -> np.ndarray:
         fill_holes=bool(eval_config.fill_holes),
         opening_radius=int(eval_config.opening_radius),
         min_size=int(eval_config.min_size),
+        border_min_size=eval_config.get("border_min_size"),
     )
     if prob.shape[-1] == 3:
         return postprocess.contour_to_instances(
@@ -323,12 +324,14 @@ TUNE_MIN_SIZES = (0, 50, 100, 200, 300, 500, 800, 1200, 2000, 3000)
 TUNE_OPENING_RADII = (0, 2, 3)
 TUNE_MARKER_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)  # data.target=contour only
 TUNE_SPLIT_DISTANCES = (0, 12, 24)  # two classes only (0 = connected components)
+TUNE_BORDER_MIN_SIZES = (None, 300, 1000)  # objects touching the image's frame (None = min_size)
 
 
 def tune_checkpoint(
     config: ml_collections.ConfigDict, checkpoint: str, output_dir: str | None = None
 ) -> dict[str, Any]:
-    """``--mode=tune``: picks threshold, minimum object size and opening on the validation split.
+    """``--mode=tune``: picks threshold, minimum object size (also for objects touching the image's
+    frame), opening and the neck split or watershed seeds on the validation split.
 
     Refuses the test splits, so Test A/B stay untouched by model selection. Writes ``tuning.csv``
     (every grid point) and ``best.json``, and prints the overrides to pass to ``--mode=evaluate``.
@@ -358,7 +361,7 @@ def tune_checkpoint(
         TUNE_THRESHOLDS, TUNE_MIN_SIZES, TUNE_OPENING_RADII, fill_holes=bool(config.eval.fill_holes),
         marker_thresholds=TUNE_MARKER_THRESHOLDS, min_marker_size=int(config.eval.min_marker_size),
         split_distances=TUNE_SPLIT_DISTANCES, marker_sigma=float(config.eval.marker_sigma),
-        workers=config.eval.get("tune_workers"),
+        workers=config.eval.get("tune_workers"), border_min_sizes=TUNE_BORDER_MIN_SIZES,
     )
     out = output_dir or os.path.join(checkpoint, f"tune_{split}")
     os.makedirs(out, exist_ok=True)
@@ -367,7 +370,8 @@ def tune_checkpoint(
     with open(os.path.join(out, "best.json"), "w") as f:
         json.dump({"split": split, "step": step, "params": best,
                    "f1": best_row["f1"], "object_dice": best_row["object_dice"]}, f, indent=2)
-    flags = " ".join(f"--config.eval.{k}={v}" for k, v in best.items() if k != "fill_holes")
+    flags = " ".join(f"--config.eval.{k}={v}" for k, v in best.items()
+                     if k != "fill_holes" and v is not None)
     print(f"best on {split} ({len(examples)} images): F1 {best_row['f1']:.4f}, object Dice "
           f"{best_row['object_dice']:.4f} with {flags}\n-> {out}")
     return {"best": best, "rows": rows}

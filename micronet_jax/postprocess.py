@@ -2,8 +2,9 @@
 
 Pipeline: ``p > threshold`` -> fill holes -> optional opening with a disk -> connected components,
 or with ``split_distance`` > 0 a watershed that splits touching glands at their necks -> drop objects
-smaller than ``min_size``. Components use 8-connectivity throughout (skimage's
-``label`` default in 2-D), so size filtering and labelling agree on what one object is.
+smaller than ``min_size`` (``border_min_size`` for objects that touch the image's frame, when set).
+Components use 8-connectivity throughout (skimage's ``label`` default in 2-D), so size filtering and
+labelling agree on what one object is.
 
 :func:`tune_postprocess` grid-searches those constants on validation images only (spec §7.17). It labels
 each (threshold, opening) once and derives every ``min_size`` from a component-size lookup, and it scores
@@ -80,10 +81,44 @@ def _watershed(surface: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> tu
     return labels, np.bincount(labels.ravel())
 
 
-def _size_filter_lut(sizes: np.ndarray, min_size: int) -> np.ndarray:
-    """Lookup table: old label -> new consecutive label (0 for removed/background)."""
+def frame_touching(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """Boolean per label 0..n_labels-1: does the object reach the first or last row or column?"""
+    touching = np.zeros(n_labels, bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        touching[edge] = True
+    return touching
+
+
+def _keep_by_size(sizes: np.ndarray, min_size: int, touching: np.ndarray | None,
+                  border_min_size: int | None) -> np.ndarray:
+    """Which labels survive the size filter (label 0, the background, included as False).
+
+    A gland cut by the image's frame keeps only the part inside it, often a sliver smaller than any
+    whole gland, yet GlaS counts it as an object. ``border_min_size`` (None: ``min_size``) is the
+    least size of objects touching the frame, so a ``min_size`` large enough to drop small false
+    objects in the stroma need not drop those slivers too.
+    """
     keep = sizes >= min_size
+    if border_min_size is not None and touching is not None:
+        keep = np.where(touching, sizes >= int(border_min_size), keep)
     keep[0] = False
+    return keep
+
+
+def _size_filter_lut(sizes: np.ndarray, min_size: int, labels: np.ndarray | None = None,
+                     border_min_size: int | None = None) -> np.ndarray:
+    """Lookup table: old label -> new consecutive label (0 for removed/background).
+
+    ``labels`` (the label image) is needed only with ``border_min_size``, to find the objects that
+    touch the frame."""
+    touching = None
+    if border_min_size is not None:
+        if labels is None:
+            raise ValueError("border_min_size needs the label image")
+        if border_min_size < 0:
+            raise ValueError(f"border_min_size must be >= 0, got {border_min_size}")
+        touching = frame_touching(labels, sizes.size)
+    keep = _keep_by_size(sizes, min_size, touching, border_min_size)
     lut = np.zeros(sizes.size, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut
@@ -96,14 +131,16 @@ def probability_to_instances(
     opening_radius: int = 0,
     min_size: int = 300,
     split_distance: float = 0.0,
+    border_min_size: int | None = None,
 ) -> np.ndarray:
     """Foreground probability (H, W) -> int32 instance labels 1..n (0 = background).
 
     Objects with fewer than ``min_size`` pixels are removed (size counted after fill/opening and the
-    optional ``split_distance`` watershed, see :func:`_binary_components`).
+    optional ``split_distance`` watershed, see :func:`_binary_components`); objects that touch the
+    image's frame are removed below ``border_min_size`` instead, when it is given.
     """
     labels, sizes = _binary_components(prob_fg, threshold, fill_holes, opening_radius, float(split_distance))
-    return _size_filter_lut(sizes, int(min_size))[labels]
+    return _size_filter_lut(sizes, int(min_size), labels, border_min_size)[labels]
 
 
 def _marker_surface(prob: np.ndarray, marker_sigma: float) -> np.ndarray:
@@ -154,22 +191,23 @@ def contour_to_instances(
     opening_radius: int = 0,
     min_size: int = 300,
     marker_sigma: float = 0.0,
+    border_min_size: int | None = None,
 ) -> np.ndarray:
     """Background/interior/boundary probabilities (H, W, 3) -> int32 instance labels (``data.target=contour``).
 
     The gland mask is p(interior) + p(boundary) > ``threshold`` (holes filled, optional opening);
     connected regions of p(interior) > ``marker_threshold`` of at least ``min_marker_size`` px are the
     seeds; a watershed on -p(interior) grows each seed over the mask, so two touching glands split
-    along their shared boundary band. Objects under ``min_size`` px are then removed. With
-    ``marker_sigma`` > 0, p(interior) is first smoothed by a Gaussian of that many px (seeds and
-    watershed surface; the mask is not).
+    along their shared boundary band. Objects under ``min_size`` px (``border_min_size`` for those
+    touching the image's frame, when given) are then removed. With ``marker_sigma`` > 0, p(interior)
+    is first smoothed by a Gaussian of that many px (seeds and watershed surface; the mask is not).
     """
     prob = np.asarray(prob)
     labels, sizes = _contour_components(
         prob, _marker_surface(prob, float(marker_sigma)), threshold, marker_threshold,
         int(min_marker_size), fill_holes, int(opening_radius),
     )
-    return _size_filter_lut(sizes, int(min_size))[labels]
+    return _size_filter_lut(sizes, int(min_size), labels, border_min_size)[labels]
 
 
 def tune_postprocess(
@@ -184,19 +222,22 @@ def tune_postprocess(
     split_distances: Sequence[float] = (0.0,),
     marker_sigma: float = 0.0,
     workers: int | None = 1,
+    border_min_sizes: Sequence[int | None] = (None,),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Grid search of post-processing constants by pooled object F1, ties broken by pooled Object Dice.
 
     ``prob_maps`` are either foreground maps (H, W) for :func:`probability_to_instances`, or 3-class
     maps (H, W, 3) for :func:`contour_to_instances`, where ``marker_thresholds`` is searched too;
     for foreground maps ``split_distances`` (0 = connected components) is searched instead.
+    ``border_min_sizes`` is the least size of objects touching the image's frame (None: ``min_size``,
+    as without the key; see :func:`_keep_by_size`), searched as the innermost axis.
 
     Use validation images only. Returns ``(best, rows)``: ``best`` holds only keyword arguments of
     :func:`probability_to_instances` (so ``probability_to_instances(p, **best)`` reproduces it), and
     ``rows`` has one dict per grid point (params + ``f1, object_dice, tp, fp, fn``) in grid order
-    (threshold, opening_radius, marker_threshold or split_distance, min_size). Remaining ties keep
-    the first grid point. Hausdorff is not
-    computed here: it does not enter the selection and is the expensive part.
+    (threshold, opening_radius, marker_threshold or split_distance, min_size, border_min_size).
+    Remaining ties keep the first grid point. Hausdorff is not computed here: it does not enter the
+    selection and is the expensive part.
 
     ``workers`` > 1 labels the (threshold, opening, third axis) points in that many processes
     (``None``: one per available core, or in-process when the grid is small); the rows are the same
@@ -207,8 +248,10 @@ def tune_postprocess(
         raise ValueError(f"got {len(prob_maps)} probability maps but {len(gt_labels)} GT images")
     if not prob_maps:
         raise ValueError("tune_postprocess needs at least one image")
-    if not (len(thresholds) and len(min_sizes) and len(opening_radii)):
-        raise ValueError("thresholds, min_sizes and opening_radii must each be non-empty")
+    if not (len(thresholds) and len(min_sizes) and len(opening_radii) and len(border_min_sizes)):
+        raise ValueError("thresholds, min_sizes, opening_radii and border_min_sizes must each be non-empty")
+    if any(b is not None and b < 0 for b in border_min_sizes):
+        raise ValueError(f"border_min_sizes must be >= 0 or None, got {tuple(border_min_sizes)}")
 
     gts = []
     for k, (p, g) in enumerate(zip(prob_maps, gt_labels)):
@@ -232,10 +275,10 @@ def tune_postprocess(
     points = list(itertools.product(thresholds, opening_radii, third))
     state = _GridInputs(prob_maps, surfaces, gts, contour, int(min_marker_size), bool(fill_holes))
     for (thr, rad, mthr), per_image in zip(points, _map_grid(state, points, workers)):
-        for ms in min_sizes:
+        for ms, bms in itertools.product(min_sizes, border_min_sizes):
             tot = dict(tp=0, fp=0, fn=0, s_dice=0.0, s_area=0, g_dice=0.0, g_area=0)
-            for cont, sizes in per_image:
-                keep = sizes >= ms
+            for cont, sizes, touching in per_image:
+                keep = _keep_by_size(sizes, ms, touching, bms)
                 keep[0] = True  # background row; removed objects' pixels join it
                 c = cont[keep].copy()
                 c[0] += cont[~keep].sum(axis=0)
@@ -254,6 +297,7 @@ def tune_postprocess(
                 "threshold": float(thr),
                 "opening_radius": int(rad),
                 "min_size": int(ms),
+                "border_min_size": None if bms is None else int(bms),
                 "fill_holes": bool(fill_holes),
                 "f1": _f1(tot["tp"], tot["fp"], tot["fn"]),
                 "object_dice": _combine(tot["s_dice"], tot["s_area"], tot["g_dice"], tot["g_area"],
@@ -263,7 +307,7 @@ def tune_postprocess(
                 "fn": tot["fn"],
             })
     best_row = max(enumerate(rows), key=lambda t: (t[1]["f1"], t[1]["object_dice"], -t[0]))[1]
-    keys = ("threshold", "fill_holes", "opening_radius", "min_size")
+    keys = ("threshold", "fill_holes", "opening_radius", "min_size", "border_min_size")
     keys += ("marker_threshold", "min_marker_size", "marker_sigma") if contour else ("split_distance",)
     best = {k: best_row[k] for k in keys}
     return best, rows
@@ -280,8 +324,9 @@ class _GridInputs(NamedTuple):
     fill_holes: bool
 
 
-def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per image, the component x GT contingency and the component sizes at one grid point.
+def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image, the component x GT contingency, the component sizes and which components touch the
+    image's frame, at one grid point.
 
     Each ``min_size`` of the grid then only drops rows of these (:func:`tune_postprocess`)."""
     thr, rad, third = point
@@ -295,7 +340,7 @@ def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tup
         n_c = sizes.size - 1
         idx = labels.ravel().astype(np.intp) * (n_g + 1) + g_c.ravel()
         cont = np.bincount(idx, minlength=(n_c + 1) * (n_g + 1)).reshape(n_c + 1, n_g + 1)
-        per_image.append((cont, sizes))
+        per_image.append((cont, sizes, frame_touching(labels, sizes.size)))
     return per_image
 
 
@@ -307,7 +352,7 @@ def _init_worker(state: _GridInputs) -> None:
     _WORKER_STATE = state
 
 
-def _worker_grid_point(point: tuple[float, int, float]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _worker_grid_point(point: tuple[float, int, float]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return _grid_point(_WORKER_STATE, point)
 
 

@@ -113,8 +113,8 @@ def test_tune_on_validation_and_refuse_test_splits(trained, tmp_path):
     assert best["split"] == "val" and {"threshold", "min_size", "opening_radius"} <= set(best["params"])
     assert "--config.eval.threshold=" in proc.stdout
     grid = (len(evaluate.TUNE_THRESHOLDS) * len(evaluate.TUNE_MIN_SIZES) * len(evaluate.TUNE_OPENING_RADII)
-            * len(evaluate.TUNE_SPLIT_DISTANCES))
-    assert grid == 5 * 10 * 3 * 3
+            * len(evaluate.TUNE_SPLIT_DISTANCES) * len(evaluate.TUNE_BORDER_MIN_SIZES))
+    assert grid == 5 * 10 * 3 * 3 * 3
     assert len(list(csv.DictReader(open(out / "tuning.csv")))) == grid
     refused = run_main(*TINY, "--mode=tune", f"--checkpoint={trained}",
                        "--config.eval.split=testA", check=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from micronet_jax.metrics import glas_metrics
-from micronet_jax.postprocess import probability_to_instances, tune_postprocess
+from micronet_jax.postprocess import contour_to_instances, probability_to_instances, tune_postprocess
 
 
 def _scene() -> tuple[np.ndarray, np.ndarray]:
@@ -95,6 +95,50 @@ def test_tune_postprocess_validates() -> None:
         tune_postprocess([p], [gt, gt], (0.5,), (0,))
     with pytest.raises(ValueError, match="image 0"):
         tune_postprocess([p[:10]], [gt], (0.5,), (0,))
+
+
+def _frame_sliver_scene() -> tuple[np.ndarray, np.ndarray]:
+    """A whole gland, a 40-px sliver of a gland cut by the top edge (in GT) and a 36-px speck in the
+    middle (not in GT), as p(gland) and GT."""
+    p = np.zeros((50, 60), np.float32)
+    gt = np.zeros((50, 60), np.int32)
+    p[20:40, 5:25] = gt[20:40, 5:25] = 1
+    p[0:4, 40:50] = 0.9
+    gt[0:4, 40:50] = 2
+    p[22:28, 40:46] = 0.9
+    return p, gt
+
+
+def test_border_min_size_keeps_glands_cut_by_the_frame() -> None:
+    p, gt = _frame_sliver_scene()
+    assert probability_to_instances(p, min_size=100).max() == 1  # min_size drops sliver and speck
+    lab = probability_to_instances(p, min_size=100, border_min_size=20)
+    assert lab.max() == 2 and (lab[0:4, 40:50] > 0).all() and (lab[22:28, 40:46] == 0).all()
+    assert glas_metrics([lab], [gt])["f1"] == 1.0
+    # None is min_size; a border minimum above min_size drops small frame objects only.
+    np.testing.assert_array_equal(probability_to_instances(p, min_size=100, border_min_size=None),
+                                  probability_to_instances(p, min_size=100))
+    lab = probability_to_instances(p, min_size=0, border_min_size=41)
+    assert lab.max() == 2 and (lab[0:4, 40:50] == 0).all()
+    # The three-class path takes the same key.
+    three = np.stack([1 - p, p, np.zeros_like(p)], -1)
+    assert contour_to_instances(three, min_size=100, min_marker_size=0, border_min_size=20).max() == 2
+    with pytest.raises(ValueError, match="border_min_size"):
+        probability_to_instances(p, border_min_size=-1)
+
+
+def test_tune_postprocess_searches_border_min_size() -> None:
+    p, gt = _frame_sliver_scene()
+    best, rows = tune_postprocess([p], [gt], thresholds=(0.5,), min_sizes=(0, 100),
+                                  border_min_sizes=(None, 20))
+    assert [(r["min_size"], r["border_min_size"]) for r in rows] == [(0, None), (0, 20), (100, None), (100, 20)]
+    for r in rows:  # each row is the metric of the directly post-processed image
+        lab = probability_to_instances(p, min_size=r["min_size"], border_min_size=r["border_min_size"])
+        m = glas_metrics([lab], [gt])
+        assert (r["tp"], r["fp"], r["fn"]) == (m["tp"], m["fp"], m["fn"])
+    assert (best["min_size"], best["border_min_size"]) == (100, 20) and rows[3]["f1"] == 1.0
+    with pytest.raises(ValueError, match="border_min_sizes"):
+        tune_postprocess([p], [gt], (0.5,), (0,), border_min_sizes=(-5,))
 
 
 def _two_touching_discs() -> tuple[np.ndarray, np.ndarray]:

@@ -203,9 +203,10 @@ def test_budget_and_tune_flags_command_line(tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["--config.train.time_limit_seconds=100"]
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"split": "val", "params": {"threshold": 0.4, "fill_holes": True,
-                                                          "opening_radius": 2, "min_size": 800}}))
+                                                          "opening_radius": 2, "min_size": 800,
+                                                          "border_min_size": None}}))
     ss.main(["tune-flags", str(best)])
-    assert capsys.readouterr().out.split() == [
+    assert capsys.readouterr().out.split() == [  # an unset border_min_size keeps the default
         "--config.eval.threshold=0.4", "--config.eval.fill_holes=True",
         "--config.eval.opening_radius=2", "--config.eval.min_size=800"]
     with pytest.raises(SystemExit, match="did --mode=tune finish"):

@@ -270,7 +270,7 @@ def _metrics_cell(m: dict[str, Any] | None) -> tuple[str, str, str]:
 def _post_text(p: dict[str, Any] | None) -> str:
     if not p:
         return ""
-    return ", ".join(f"{k} {v}" for k, v in p.items() if k != "fill_holes")
+    return ", ".join(f"{k} {v}" for k, v in p.items() if k != "fill_holes" and v is not None)
 
 
 def format_markdown(s: dict[str, Any]) -> str:
@@ -383,11 +383,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def tune_flags(best_json: str) -> list[str]:
-    """``--config.eval.KEY=VALUE`` for each post-processing value --mode=tune chose."""
+    """``--config.eval.KEY=VALUE`` for each post-processing value --mode=tune chose (an unset one,
+    such as ``border_min_size`` left at None, keeps the config's default and gets no flag)."""
     best = read_json(best_json)
     if not best or "params" not in best:
         raise SystemExit(f"error: no tuned post-processing in {best_json} (did --mode=tune finish?)")
-    return [f"--config.eval.{k}={v}" for k, v in best["params"].items()]
+    return [f"--config.eval.{k}={v}" for k, v in best["params"].items() if v is not None]
 
 
 def load_with_overrides(spec: str, flags: Sequence[str]) -> Any:
