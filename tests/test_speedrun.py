@@ -138,6 +138,8 @@ def test_glas_cpu_default_is_the_252_recipe_and_keeps_the_508_one():
     assert (contour.data.target, contour.model.num_classes) == ("contour", 3)
     assert (contour.eval.min_marker_size, contour.eval.marker_sigma) == (1000, 4.0)
     assert core.total_steps(contour) == core.total_steps(c) and c.eval.marker_sigma == 0.0
+    # The tenth round's frame minimum is on the two-class default only, as measured.
+    assert (c.eval.border_min_size, contour.eval.border_min_size, old.eval.border_min_size) == (1000, None, None)
     with pytest.raises(ValueError, match="':508' or ':contour'"):
         load_config("glas_cpu", "fast")
 
