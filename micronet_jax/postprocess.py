@@ -230,7 +230,8 @@ def tune_postprocess(
     maps (H, W, 3) for :func:`contour_to_instances`, where ``marker_thresholds`` is searched too;
     for foreground maps ``split_distances`` (0 = connected components) is searched instead.
     ``border_min_sizes`` is the least size of objects touching the image's frame (None: ``min_size``,
-    as without the key; see :func:`_keep_by_size`), searched as the innermost axis.
+    as without the key, and reported as that number; see :func:`_keep_by_size`), searched as the
+    innermost axis.
 
     Use validation images only. Returns ``(best, rows)``: ``best`` holds only keyword arguments of
     :func:`probability_to_instances` (so ``probability_to_instances(p, **best)`` reproduces it), and
@@ -297,7 +298,9 @@ def tune_postprocess(
                 "threshold": float(thr),
                 "opening_radius": int(rad),
                 "min_size": int(ms),
-                "border_min_size": None if bms is None else int(bms),
+                # None filters the frame at min_size: written so, the row's flags carry it explicitly
+                # and override a config whose own border_min_size differs.
+                "border_min_size": int(ms) if bms is None else int(bms),
                 "fill_holes": bool(fill_holes),
                 "f1": _f1(tot["tp"], tot["fp"], tot["fn"]),
                 "object_dice": _combine(tot["s_dice"], tot["s_area"], tot["g_dice"], tot["g_area"],
