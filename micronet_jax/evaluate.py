@@ -370,8 +370,7 @@ def tune_checkpoint(
     with open(os.path.join(out, "best.json"), "w") as f:
         json.dump({"split": split, "step": step, "params": best,
                    "f1": best_row["f1"], "object_dice": best_row["object_dice"]}, f, indent=2)
-    flags = " ".join(f"--config.eval.{k}={v}" for k, v in best.items()
-                     if k != "fill_holes" and v is not None)
+    flags = " ".join(f"--config.eval.{k}={v}" for k, v in best.items() if k != "fill_holes")
     print(f"best on {split} ({len(examples)} images): F1 {best_row['f1']:.4f}, object Dice "
           f"{best_row['object_dice']:.4f} with {flags}\n-> {out}")
     return {"best": best, "rows": rows}

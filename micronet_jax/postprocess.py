@@ -81,7 +81,7 @@ def _watershed(surface: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> tu
     return labels, np.bincount(labels.ravel())
 
 
-def frame_touching(labels: np.ndarray, n_labels: int) -> np.ndarray:
+def _frame_touching(labels: np.ndarray, n_labels: int) -> np.ndarray:
     """Boolean per label 0..n_labels-1: does the object reach the first or last row or column?"""
     touching = np.zeros(n_labels, bool)
     for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
@@ -105,19 +105,14 @@ def _keep_by_size(sizes: np.ndarray, min_size: int, touching: np.ndarray | None,
     return keep
 
 
-def _size_filter_lut(sizes: np.ndarray, min_size: int, labels: np.ndarray | None = None,
+def _size_filter_lut(labels: np.ndarray, sizes: np.ndarray, min_size: int,
                      border_min_size: int | None = None) -> np.ndarray:
-    """Lookup table: old label -> new consecutive label (0 for removed/background).
-
-    ``labels`` (the label image) is needed only with ``border_min_size``, to find the objects that
-    touch the frame."""
+    """Lookup table: old label -> new consecutive label (0 for removed/background)."""
     touching = None
     if border_min_size is not None:
-        if labels is None:
-            raise ValueError("border_min_size needs the label image")
         if border_min_size < 0:
             raise ValueError(f"border_min_size must be >= 0, got {border_min_size}")
-        touching = frame_touching(labels, sizes.size)
+        touching = _frame_touching(labels, sizes.size)
     keep = _keep_by_size(sizes, min_size, touching, border_min_size)
     lut = np.zeros(sizes.size, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
@@ -140,7 +135,7 @@ def probability_to_instances(
     image's frame are removed below ``border_min_size`` instead, when it is given.
     """
     labels, sizes = _binary_components(prob_fg, threshold, fill_holes, opening_radius, float(split_distance))
-    return _size_filter_lut(sizes, int(min_size), labels, border_min_size)[labels]
+    return _size_filter_lut(labels, sizes, int(min_size), border_min_size)[labels]
 
 
 def _marker_surface(prob: np.ndarray, marker_sigma: float) -> np.ndarray:
@@ -207,7 +202,7 @@ def contour_to_instances(
         prob, _marker_surface(prob, float(marker_sigma)), threshold, marker_threshold,
         int(min_marker_size), fill_holes, int(opening_radius),
     )
-    return _size_filter_lut(sizes, int(min_size), labels, border_min_size)[labels]
+    return _size_filter_lut(labels, sizes, int(min_size), border_min_size)[labels]
 
 
 def tune_postprocess(
@@ -343,7 +338,7 @@ def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tup
         n_c = sizes.size - 1
         idx = labels.ravel().astype(np.intp) * (n_g + 1) + g_c.ravel()
         cont = np.bincount(idx, minlength=(n_c + 1) * (n_g + 1)).reshape(n_c + 1, n_g + 1)
-        per_image.append((cont, sizes, frame_touching(labels, sizes.size)))
+        per_image.append((cont, sizes, _frame_touching(labels, sizes.size)))
     return per_image
 
 
