@@ -77,7 +77,7 @@ def evaluate_variables(config: ml_collections.ConfigDict, variables: Any,
     variables = jax.device_put({k: v for k, v in variables.items() if k == "params" or v})
     forward = core.make_forward_fn(model, variables, compiled)
     return evaluate.evaluate_examples(forward, examples, config.eval, model.variant, progress=False,
-                                      scale=float(config.data.scale))
+                                      scale=float(config.data.scale), normalize=str(config.data.normalize))
 
 
 # ------------------------------------------------------------------------------ weights on disk

@@ -286,7 +286,8 @@ def bench_inference(
         per_image, post = [], []
         for ex in examples:
             t = time.perf_counter()
-            prob = evaluate.predict_probabilities(forward, ex.image, c.eval, tile, float(c.data.scale))
+            prob = evaluate.predict_probabilities(forward, ex.image, c.eval, tile, float(c.data.scale),
+                                                     str(c.data.normalize))
             t_mid = time.perf_counter()
             evaluate.to_instances(prob, c.eval)
             t_end = time.perf_counter()

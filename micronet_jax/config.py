@@ -72,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
     # resampled back, so metrics are always at the original resolution. 1.0 = the paper; 0.5 lets a
     # 508 (or 252) patch see four times the tissue, for fewer FLOPs per gland on small machines.
     c.data.scale = 1.0
+    # Whose statistics standardise the network's input (micronet_jax/inputs.py): "crop" (the paper's
+    # TIAToolbox convention) standardises each training crop and each inference tile on its own, so
+    # a gland's input values depend on what else the crop holds; "image" uses the whole image's mean
+    # and std in both, so they do not.
+    c.data.normalize = "crop"
     # Augmentation (spec §4 "Augmentation", §7.13).
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.enabled = True

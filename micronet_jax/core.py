@@ -29,7 +29,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from micronet_jax import losses, optim
-from micronet_jax.config import num_classes_for_target
+from micronet_jax.config import config_value, num_classes_for_target
+from micronet_jax.inputs import check_normalize
 from micronet_jax.models import MicroNet, build_model
 
 StepFn = Callable[["TrainState", dict[str, jax.Array]], tuple["TrainState", dict[str, jax.Array]]]
@@ -84,6 +85,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
             f"config data.crop_size={config.data.crop_size} must equal model.variant="
             f"{config.model.variant} (the network takes exactly that input size)"
         )
+    check_normalize(str(config_value(config.data, "normalize", "data")))
     check_eval_config(config.eval)
 
 

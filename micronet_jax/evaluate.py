@@ -25,8 +25,9 @@ from micronet_jax import checkpointing, infer, metrics, postprocess, visualize
 from micronet_jax.core import jit_tile_forward, make_forward_fn
 from micronet_jax import slide as wsi_slide
 from micronet_jax.data import resample
-from micronet_jax.inputs import standardize
+from micronet_jax.config import config_value
 from micronet_jax.data.readers import IMAGE_EXTENSIONS, DataError, read_image
+from micronet_jax.inputs import check_normalize, moments, standardize, standardize_with
 from micronet_jax.models import MicroNet, build_model
 from micronet_jax.models.summary import abstract_variables
 
@@ -43,14 +44,23 @@ PAPER_RESULTS = {
 def predict_probabilities(
     forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray, eval_config, tile: int,
     scale: float = 1.0,
+    normalize: str = "crop",
 ) -> np.ndarray:
     """Class probabilities (H, W, C) for one uint8 RGB image of any size.
 
     The image is resampled by ``scale`` (``data.scale``, as in training) and the probabilities back
-    to (H, W). Each tile is standardised on its own, exactly as training standardises each crop,
-    so the network sees the same input statistics in both (docs/accuracy.md).
+    to (H, W). ``normalize`` is ``data.normalize``, as in training: "crop" standardises each tile
+    on its own, as training standardises each crop; "image" standardises every tile with the
+    resampled image's mean and std, as training standardises each crop with its image's. Either
+    way the network sees the input statistics it was trained on (docs/accuracy.md).
     """
     small = resample.rescale_image(image, scale)
+    check_normalize(normalize)
+    if normalize == "image":
+        stats = moments(small)
+        preprocess = lambda tile_image: standardize_with(tile_image, *stats)  # noqa: E731
+    else:
+        preprocess = standardize
     prob = infer.tiled_predict(
         forward,
         small,
@@ -59,9 +69,14 @@ def predict_probabilities(
         stitch=str(eval_config.stitch),
         tile_batch=int(eval_config.tile_batch),
         tta=bool(eval_config.tta),
-        preprocess=standardize,
+        preprocess=preprocess,
     )
     return resample.resize_probabilities(prob, image.shape[:2])
+
+
+def _normalize(config: ml_collections.ConfigDict) -> str:
+    """``data.normalize`` of a full config (its default where an older config lacks the key)."""
+    return str(config_value(config.data, "normalize", "data"))
 
 
 def to_instances(prob: np.ndarray, eval_config) -> np.ndarray:
@@ -96,6 +111,7 @@ def evaluate_examples(
     overlay_dir: str | None = None,
     progress: bool = True,
     scale: float = 1.0,
+    normalize: str = "crop",
 ) -> dict[str, Any]:
     """Segments and scores ``examples`` (``.image``, ``.label``, ``.name``).
 
@@ -106,7 +122,8 @@ def evaluate_examples(
     preds, stats, rows = [], [], []
     n_overlays = int(eval_config.num_overlays)
     for i, ex in enumerate(tqdm(examples, desc="evaluate", unit="img", disable=not progress)):
-        pred = to_instances(predict_probabilities(forward, ex.image, eval_config, tile, scale), eval_config)
+        pred = to_instances(
+            predict_probabilities(forward, ex.image, eval_config, tile, scale, normalize), eval_config)
         preds.append(pred)
         s = metrics.image_stats(pred, ex.label)
         stats.append(s)
@@ -216,6 +233,7 @@ def evaluate_checkpoint(
     result = evaluate_examples(
         make_forward_fn(model, variables), examples, config.eval, model.variant,
         overlay_dir=os.path.join(out, "overlays"), scale=float(config.data.scale),
+        normalize=_normalize(config),
     )
     write_report(out, split, result, {"checkpoint": os.path.abspath(checkpoint), "step": step,
                                        "tta": bool(config.eval.tta)})
@@ -298,7 +316,8 @@ def predict_folder(
     for path in tqdm(files, desc="predict", unit="img"):
         image = read_image(path)
         labels = to_instances(
-            predict_probabilities(forward, image, config.eval, model.variant, float(config.data.scale)),
+            predict_probabilities(forward, image, config.eval, model.variant, float(config.data.scale),
+                                  _normalize(config)),
             config.eval,
         )
         # 16-bit PNG so images with more than 255 glands keep their ids.
@@ -351,7 +370,8 @@ def tune_checkpoint(
     # The forward pass once per image; the grid then only re-runs the post-processing.
     forward = make_forward_fn(model, variables)
     probabilities = [
-        predict_probabilities(forward, ex.image, config.eval, model.variant, float(config.data.scale))
+        predict_probabilities(forward, ex.image, config.eval, model.variant, float(config.data.scale),
+                              _normalize(config))
         for ex in tqdm(examples, desc="predict", unit="img")
     ]
     # Two classes: tune on p(gland); three: on the whole map, with the watershed's seed threshold.

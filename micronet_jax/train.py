@@ -307,6 +307,7 @@ def _validate(trainer: Trainer, state: TrainState, examples: list[Any],
         # Every process validates (same weights, same result); only process 0 writes files.
         overlay_dir=os.path.join(out, "overlays") if out and jax.process_index() == 0 else None,
         progress=jax.process_index() == 0, scale=float(config.data.scale),
+        normalize=str(config.data.normalize),
     )
     s = result["summary"]
     writer.scalars(step, {k: s[k] for k in ("f1", "object_dice", "object_hausdorff", "pixel_dice",

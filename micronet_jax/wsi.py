@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from micronet_jax import export, infer, slide as slides, visualize
 from micronet_jax.data.readers import DataError
+from micronet_jax.inputs import standardize_with
 from micronet_jax.stitch import Gland, GlandStitcher
 
 logger = logging.getLogger(__name__)
@@ -112,15 +113,6 @@ def _tissue_checker(mask: np.ndarray, mask_k: float, grid_k: float) -> Callable[
         return bool(integral[b, d] - integral[a, d] - integral[b, c] + integral[a, c] > 0)
 
     return has_tissue
-
-
-def _standardize(image: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """``inputs.standardize`` with the slide's statistics instead of the region's."""
-    scale = 1.0 / (255.0 * std)
-    out = image.astype(np.float32)
-    out *= np.float32(scale)
-    out -= np.float32(mean * 255.0 * scale)
-    return out
 
 
 def _dispatch(forward, img: np.ndarray, region: _Region, yp: AxisPlan, xp: AxisPlan, grid: slides.ModelGrid,
@@ -245,7 +237,7 @@ def predict_slide(
             pending = None
             bar = tqdm(regions, desc=f"predict {sl.name}", unit="region", disable=not progress)
             for r in bar:
-                img = _standardize(slides.read_model_region(sl, grid, r.wx0, r.wy0, r.wx1 - r.wx0, r.wy1 - r.wy0),
+                img = standardize_with(slides.read_model_region(sl, grid, r.wx0, r.wy0, r.wx1 - r.wx0, r.wy1 - r.wy0),
                                    mean, std)
                 chunks, outputs = _dispatch(forward, img, r, yp, xp, grid, tile, tile_batch, tta, has_tissue)
                 n_tiles += sum(map(len, chunks))

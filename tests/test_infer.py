@@ -263,3 +263,41 @@ def test_each_tile_is_standardised_like_a_training_crop():
     # The whole-image standardisation it replaces differs visibly on the same pixels.
     whole = standardize(padded)[ys[0]:ys[0] + 508, xs[0]:xs[0] + 508]
     assert np.abs(whole - want[0]).max() > 0.01
+
+
+def test_image_normalisation_gives_each_pixel_one_value_in_every_tile():
+    """data.normalize="image": every tile is standardised with the resampled image's statistics, so
+    a pixel two tiles share reaches the network with the same value from both (under "crop" it does
+    not), and the values are the whole image's standardisation."""
+    from micronet_jax import evaluate, infer
+    from micronet_jax.config import base_config
+    from micronet_jax.inputs import moments, standardize_with
+    from micronet_jax.data.synthetic import make_synthetic_glands
+
+    image = make_synthetic_glands(1, height=522, width=775, seed=4)[0].image
+    cfg = base_config().eval
+    cfg.tile_batch = 1
+    (top, bottom), (left, right) = (infer._pad_amounts(n, 508, 64) for n in image.shape[:2])
+    padded = np.pad(image, ((top, bottom), (left, right), (0, 0)), mode="reflect")
+    ys = infer.tile_positions(padded.shape[0], 508, 64)
+    xs = infer.tile_positions(padded.shape[1], 508, 64)
+    overlap = {}
+    for normalize in ("image", "crop"):
+        seen = []
+
+        def forward(tiles):
+            seen.extend(np.array(t) for t in tiles)
+            return np.zeros(tiles.shape[:3] + (2,), np.float32)
+
+        evaluate.predict_probabilities(forward, image, cfg, 508, normalize=normalize)
+        assert len(seen) == len(ys) * len(xs) == 6
+        # Tiles 0 and 1 share columns xs[1]..xs[0]+508 of the first row of tiles.
+        overlap[normalize] = np.abs(seen[0][:, xs[1]:] - seen[1][:, : 508 - xs[1]]).max()
+        if normalize == "image":
+            whole = standardize_with(padded, *moments(image))
+            for (y, x), got in zip([(y, x) for y in ys for x in xs], seen):
+                np.testing.assert_allclose(got, whole[y:y + 508, x:x + 508], atol=1e-5)
+    assert overlap["image"] < 1e-6 < 0.01 < overlap["crop"]
+
+    with pytest.raises(ValueError, match="data.normalize='tile'"):
+        evaluate.predict_probabilities(lambda t: t, image, cfg, 508, normalize="tile")

@@ -184,3 +184,36 @@ def test_one_worker_process_matches_in_process(examples, data_config):
     finally:
         resumed.close()
     _assert_batches_equal(tail, expected[2:])
+
+
+def test_image_normalisation_standardises_crops_with_their_images_statistics(examples, data_config):
+    """data.normalize="image": a training crop is standardised with the mean and std of the image it
+    was cut from (as inference standardises each tile with the whole image's), not with its own."""
+    from micronet_jax.inputs import moments, standardize
+
+    data_config.augment.enabled = False
+    data_config.normalize = "image"
+    source = TrainSource.from_config(examples, data_config)
+    assert source.stats == [moments(e.image) for e in examples]
+    sampler = pipeline.TrainSampler(source, seed=0, crop_size=CROP, augment_config=data_config.augment)
+    for index in range(4):
+        out = sampler(index)["image"]
+        # Undo the standardisation with each image's statistics: exactly one gives back a uint8 crop
+        # of that image.
+        found = 0
+        for k, (mean, std) in enumerate(source.stats):
+            raw = out * (255.0 * std) + 255.0 * mean
+            if np.abs(raw - np.rint(raw)).max() > 1e-3:
+                continue
+            raw = np.rint(raw).astype(np.int64)
+            windows = np.lib.stride_tricks.sliding_window_view(
+                source.images[k].astype(np.int64), (CROP, CROP, 3))[..., 0, :, :, :]
+            found += int((windows == raw).all(axis=(-3, -2, -1)).any())
+        assert found == 1
+        # Not the crop's own standardisation, which the default ("crop") would give.
+        assert abs(float(out.mean())) > 1e-3 or abs(float(out.std()) - 1.0) > 1e-3
+        assert np.abs(out - standardize(np.rint(raw).astype(np.uint8))).max() > 1e-3
+
+    data_config.normalize = "tile"
+    with pytest.raises(ValueError, match="data.normalize='tile'"):
+        TrainSource.from_config(examples, data_config)

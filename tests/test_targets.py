@@ -151,6 +151,18 @@ def test_contour_target_needs_three_classes_named_in_the_error():
     check_config(c, 1)
 
 
+def test_a_bad_input_normalisation_is_refused_before_training():
+    from micronet_jax.config import base_config
+    from micronet_jax.core import check_config
+
+    c = base_config()
+    c.data.normalize = "tile"
+    with pytest.raises(ValueError, match=r"data.normalize='tile' is not one of \('crop', 'image'\)"):
+        check_config(c, 1)
+    c.data.normalize = "image"
+    check_config(c, 1)
+
+
 def test_sampler_emits_the_contour_classes_of_the_warped_crop():
     from micronet_jax.data.pipeline import TrainSampler, TrainSource
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from micronet_jax.data import augment as aug_lib
 from micronet_jax.config import config_value
-from micronet_jax.inputs import standardize
+from micronet_jax.inputs import check_normalize, moments, standardize, standardize_with
 from micronet_jax.data import targets as targets_lib
 from micronet_jax.data import weight_map as wm_lib
 from micronet_jax.data.resample import rescale_examples
@@ -92,6 +92,7 @@ class TrainSource:
         weight_map_config: Any = None,
         target: str = "binary",
         boundary_width: int = 4,
+        normalize: str = "crop",
     ):
         """Args:
         examples: objects with ``.image`` (uint8 H,W,3) and ``.label`` (int H,W instance ids).
@@ -100,6 +101,9 @@ class TrainSource:
           the U-Net defaults.
         target, boundary_width: ``data.target`` and ``data.boundary_width``: the classes the
           sampler emits (:func:`micronet_jax.data.targets.class_map`) and the weight map balances.
+        normalize: ``data.normalize``. "image" keeps each image's mean and std (``stats``, taken
+          before padding, as inference takes them before tiling) for the sampler to standardise
+          its crops with; "crop" leaves ``stats`` None and the sampler uses each crop's own.
         """
         if len(examples) == 0:
             raise ValueError("TrainSource needs at least one example")
@@ -112,6 +116,8 @@ class TrainSource:
         targets_lib.check_target(target)
         self.target = str(target)
         self.boundary_width = int(boundary_width)
+        check_normalize(normalize)
+        self.normalize = str(normalize)
 
         images = [np.asarray(e.image) for e in examples]
         labels = [np.asarray(e.label) for e in examples]
@@ -132,6 +138,8 @@ class TrainSource:
                 len(labels), self.weight_map_seconds, self.w0, self.sigma, self.class_balance,
             )
 
+        self.stats: list[tuple[float, float]] | None = (
+            [moments(im) for im in images] if self.normalize == "image" else None)
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.weights: list[np.ndarray] | None = [] if weights is not None else None
@@ -153,6 +161,7 @@ class TrainSource:
             weight_map_config=config_value(data_config, "weight_map", "data"),
             target=str(config_value(data_config, "target", "data")),
             boundary_width=int(config_value(data_config, "boundary_width", "data")),
+            normalize=str(config_value(data_config, "normalize", "data")),
         )
 
     @classmethod
@@ -197,7 +206,8 @@ class TrainSampler:
     """Maps a global sample index to one training sample dict; picklable for grain workers.
 
     Recipe (spec §4): pick an image uniformly, a uniformly random ``patch_size`` window in the padded
-    image, then a uniformly random ``crop_size`` crop inside that window, then augment and standardise.
+    image, then a uniformly random ``crop_size`` crop inside that window, then augment and standardise
+    (with the crop's own statistics, or its whole image's under ``data.normalize="image"``).
     """
 
     def __init__(self, source: TrainSource, *, seed: int, crop_size: int, augment_config: Any):
@@ -212,7 +222,8 @@ class TrainSampler:
 
     def __call__(self, global_index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, _STREAM_TAG, int(global_index)])
-        image, label, weight = self.source[int(rng.integers(len(self.source)))]
+        k = int(rng.integers(len(self.source)))
+        image, label, weight = self.source[k]
         arrays = [image, label] + ([weight] if weight is not None else [])
         arrays = aug_lib.random_crop(arrays, self.source.patch_size, rng)
         arrays = aug_lib.random_crop(arrays, self.crop_size, rng)
@@ -223,7 +234,8 @@ class TrainSampler:
             weight = arrays[2]
         image, label, weight = aug_lib.augment_example(image, label, weight, self.augment_config, rng)
         return {
-            "image": standardize(image),
+            "image": standardize(image) if self.source.stats is None
+            else standardize_with(image, *self.source.stats[k]),
             # Classes from the warped instance ids (data.target); the ids stay out of the batch.
             "label": targets_lib.class_map(label, self.source.target, self.source.boundary_width),
             "weight": np.ascontiguousarray(weight, dtype=np.float32),
