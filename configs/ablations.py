@@ -51,6 +51,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                       "eval.min_marker_size": 1000, "eval.marker_sigma": 4.0},
     # Half resolution: a 508 patch sees four times the tissue (docs/accuracy.md). Not in the paper.
     "half_scale": {"data.scale": 0.5, "data.patch_size": 508},
+    # Crops and tiles standardised with their whole image's statistics, not their own (docs/accuracy.md).
+    "image_normalize": {"data.normalize": "image"},
     "bf16": {"model.dtype": "bfloat16"},  # bfloat16 compute (a no-op for glas, whose base is bf16).
     "fp32": {"model.dtype": "float32"},  # float32 compute (a no-op for cpu, whose base is fp32).
     "tta": {"eval.tta": True},  # 8-way flip/rot90 test-time augmentation (eval only).
