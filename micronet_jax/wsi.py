@@ -237,8 +237,9 @@ def predict_slide(
             pending = None
             bar = tqdm(regions, desc=f"predict {sl.name}", unit="region", disable=not progress)
             for r in bar:
-                img = standardize_with(slides.read_model_region(sl, grid, r.wx0, r.wy0, r.wx1 - r.wx0, r.wy1 - r.wy0),
-                                   mean, std)
+                region = slides.read_model_region(sl, grid, r.wx0, r.wy0, r.wx1 - r.wx0, r.wy1 - r.wy0)
+                img = standardize_with(region, mean, std)
+                del region
                 chunks, outputs = _dispatch(forward, img, r, yp, xp, grid, tile, tile_batch, tta, has_tissue)
                 n_tiles += sum(map(len, chunks))
                 del img
