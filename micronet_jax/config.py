@@ -290,6 +290,14 @@ def check_target(target: str) -> None:
         raise ValueError(f"config data.target={target!r} is not one of {TARGETS}")
 
 
+NORMALIZATIONS = ("crop", "image")  # data.normalize values (micronet_jax/inputs.py says what each does).
+
+
+def check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"config data.normalize={normalize!r} is not one of {NORMALIZATIONS}")
+
+
 def num_classes_for_target(target: str) -> int:
     """Output classes (``model.num_classes``) that ``data.target`` needs."""
     check_target(target)

@@ -29,8 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from micronet_jax import losses, optim
-from micronet_jax.config import config_value, num_classes_for_target
-from micronet_jax.inputs import check_normalize
+from micronet_jax.config import check_normalize, config_value, num_classes_for_target
 from micronet_jax.models import MicroNet, build_model
 
 StepFn = Callable[["TrainState", dict[str, jax.Array]], tuple["TrainState", dict[str, jax.Array]]]

@@ -25,9 +25,9 @@ from micronet_jax import checkpointing, infer, metrics, postprocess, visualize
 from micronet_jax.core import jit_tile_forward, make_forward_fn
 from micronet_jax import slide as wsi_slide
 from micronet_jax.data import resample
-from micronet_jax.config import config_value
+from micronet_jax.config import check_normalize, config_value
 from micronet_jax.data.readers import IMAGE_EXTENSIONS, DataError, read_image
-from micronet_jax.inputs import check_normalize, moments, standardize, standardize_with
+from micronet_jax.inputs import moments, standardize, standardize_with
 from micronet_jax.models import MicroNet, build_model
 from micronet_jax.models.summary import abstract_variables
 

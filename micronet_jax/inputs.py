@@ -14,14 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 
-NORMALIZATIONS = ("crop", "image")  # data.normalize values (module docstring).
-
-
-def check_normalize(normalize: str) -> None:
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"config data.normalize={normalize!r} is not one of {NORMALIZATIONS}")
-
-
 def moments(image: np.ndarray) -> tuple[float, float]:
     """Mean and std of a uint8 (H, W, C) image on the 0-1 scale, over all pixels and channels; the
     std is floored at ``1/sqrt(N)`` like ``tf.image.per_image_standardization``, so a constant

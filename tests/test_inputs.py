@@ -20,7 +20,8 @@ def test_standardize():
 
 
 def test_standardize_with_given_statistics_matches_standardize_with_its_own():
-    from micronet_jax.inputs import check_normalize, moments, standardize_with
+    from micronet_jax.config import check_normalize
+    from micronet_jax.inputs import moments, standardize_with
 
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)

@@ -35,8 +35,8 @@ import grain
 import numpy as np
 
 from micronet_jax.data import augment as aug_lib
-from micronet_jax.config import config_value
-from micronet_jax.inputs import check_normalize, moments, standardize, standardize_with
+from micronet_jax.config import check_normalize, config_value
+from micronet_jax.inputs import moments, standardize, standardize_with
 from micronet_jax.data import targets as targets_lib
 from micronet_jax.data import weight_map as wm_lib
 from micronet_jax.data.resample import rescale_examples
