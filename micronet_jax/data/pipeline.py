@@ -117,7 +117,6 @@ class TrainSource:
         self.target = str(target)
         self.boundary_width = int(boundary_width)
         check_normalize(normalize)
-        self.normalize = str(normalize)
 
         images = [np.asarray(e.image) for e in examples]
         labels = [np.asarray(e.label) for e in examples]
@@ -139,7 +138,7 @@ class TrainSource:
             )
 
         self.stats: list[tuple[float, float]] | None = (
-            [moments(im) for im in images] if self.normalize == "image" else None)
+            [moments(im) for im in images] if normalize == "image" else None)
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.weights: list[np.ndarray] | None = [] if weights is not None else None
