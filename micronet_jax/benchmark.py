@@ -117,6 +117,8 @@ def synthetic_state(trainer: Any, seed: int = 0) -> Any:
         opt_state=jax.tree.map(zeros, abstract.opt_state),  # Adam's initial state is all zeros.
         rng=zeros(abstract.rng),
     )
+    if abstract.ema:  # train.ema_decay: the average starts at the weights, as in initial_state.
+        host = host.replace(ema=host.variables())
     return jax.device_put(host, trainer.state_sharding)
 
 

@@ -2,8 +2,10 @@
 
 A checkpoint holds four items, so that inference can read the weights without the optimizer:
 
-* ``params``: ``{"params", "batch_stats"}`` (what evaluation and prediction need);
-* ``opt``: ``{"opt_state", "step", "rng"}`` (what resuming additionally needs);
+* ``params``: ``{"params", "batch_stats"}`` (what evaluation and prediction need: with
+  ``train.ema_decay`` the moving average of the weights, else the last step's);
+* ``opt``: ``{"opt_state", "step", "rng"}`` (what resuming additionally needs), with the last step's
+  weights as ``trained`` when ``params`` holds their average;
 * ``data_iter``: the grain iterator state, so a resumed run sees exactly the batches it would have;
 * ``config``: the run's config as JSON, to explain a mismatch instead of failing on shapes.
 
@@ -89,7 +91,7 @@ def save_state(
     """Starts an asynchronous save of a training state (call ``manager.wait_until_finished()`` before
     exit): weights as ``params``, what resuming also needs as ``opt``, and the data iterator."""
     items = dict(
-        params=ocp.args.StandardSave(state.variables()),
+        params=ocp.args.StandardSave(state.inference_variables()),
         opt=ocp.args.StandardSave(_opt_item(state)),
     )
     if data_iter is not None:
@@ -118,7 +120,10 @@ def _save(manager: ocp.CheckpointManager, step: int, items: dict[str, Any],
 
 
 def _opt_item(state: TrainState) -> dict[str, Any]:
-    return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    item = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    if state.ema:  # ``params`` holds the average; resuming also needs the weights being trained.
+        item["trained"] = state.variables()
+    return item
 
 
 def restore_state(directory: str, step: int, target: TrainState, data_iter: Any = None) -> TrainState:
@@ -129,8 +134,11 @@ def restore_state(directory: str, step: int, target: TrainState, data_iter: Any 
     while another step folder of the same directory is damaged (it reads every step's metrics).
     """
     step_dir = os.path.join(directory, str(step))
-    variables = _restore_item(step_dir, "params", ocp.args.StandardRestore(target.variables()))
+    variables = _restore_item(step_dir, "params", ocp.args.StandardRestore(target.inference_variables()))
     opt = _restore_item(step_dir, "opt", ocp.args.StandardRestore(_opt_item(target)))
+    ema = {}
+    if target.ema:
+        ema, variables = variables, opt["trained"]
     if data_iter is not None:
         # Last, so a step whose arrays are damaged never moves the iterator.
         foreign_state = _iterator_state_from_other_layout(step_dir)
@@ -140,7 +148,7 @@ def restore_state(directory: str, step: int, target: TrainState, data_iter: Any 
             data_iter.set_state(foreign_state)
     return TrainState(
         step=opt["step"], params=variables["params"], batch_stats=variables.get("batch_stats", {}),
-        opt_state=opt["opt_state"], rng=opt["rng"],
+        opt_state=opt["opt_state"], rng=opt["rng"], ema=ema,
     )
 
 

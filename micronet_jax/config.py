@@ -118,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
     # any budget: the paper's curve rescaled to a shortened run (configs/glas_speedrun.py: 25).
     c.train.aux_epochs = config_dict.placeholder(int)
     c.train.grad_clip_norm = 0.0  # 0 = off (paper).
+    # An exponential moving average of the weights, updated after every step with this decay (e.g.
+    # 0.999: an average over the last ~1,000 steps); validation, checkpoints' weights and inference
+    # then use the average. 0 = off (paper): the last step's weights.
+    c.train.ema_decay = 0.0
     c.train.log_every = 10
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2

@@ -168,7 +168,8 @@ def programs_for(config: ml_collections.ConfigDict) -> Programs:
 
 def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *, variant: str = "",
                 vmap_seeds: bool = True) -> tuple[list[Any], list[TrainRecord]]:
-    """Trains ``config`` once per seed; returns each seed's final ``{"params", "batch_stats"}`` and record.
+    """Trains ``config`` once per seed; returns each seed's final weights
+    (``{"params"[, "batch_stats"]}``, the moving average with ``train.ema_decay``) and record.
 
     With ``vmap_seeds`` the seeds run as one ``jit(vmap(step))`` program; otherwise one after another
     with the plain jitted step (same results, less memory). ``config.seed`` is ignored: each run's seed
@@ -187,7 +188,7 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *, vari
             pick = (lambda x, j=j: x[j]) if vmap_seeds else (lambda x: x)
             losses = [float(pick(h["loss"])) for h in history]
             one = unstack_tree(state, j) if vmap_seeds else state
-            variables_out.append(jax.device_get({"params": one.params, "batch_stats": one.batch_stats}))
+            variables_out.append(jax.device_get(one.inference_variables()))
             tail = losses[-reporting.FINAL_LOSS_WINDOW:]
             records.append(TrainRecord(
                 variant=variant, seed=int(seed), steps=programs.setup.total_steps,

@@ -117,8 +117,9 @@ def _read_holder(fd: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- resume config
 
 # Keys that decide the optimizer's state tree (optax chains differ in structure, not only values):
-# its kind, and whether gradient clipping and weight decay are on.
-OPTIMIZER_KEYS = ("train.optimizer", "train.grad_clip_norm", "train.weight_decay")
+# its kind, whether gradient clipping and weight decay are on, and whether the state keeps an
+# average of the weights (train.ema_decay).
+OPTIMIZER_KEYS = ("train.optimizer", "train.grad_clip_norm", "train.weight_decay", "train.ema_decay")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -133,12 +134,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _optimizer_kind(flat: dict[str, Any]) -> tuple[Any, bool, bool]:
+def _optimizer_kind(flat: dict[str, Any]) -> tuple[Any, bool, bool, bool]:
     decay = flat.get("train.weight_decay") or 0
     return (
         "adamw" if flat.get("train.optimizer") == "adamw" or decay > 0 else flat.get("train.optimizer"),
         (flat.get("train.grad_clip_norm") or 0) > 0,
         decay > 0,
+        (flat.get("train.ema_decay") or 0) > 0,  # The state holds an average of the weights or not.
     )
 
 

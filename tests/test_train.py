@@ -462,3 +462,62 @@ def test_full_width_train_step_lowers_with_the_analytic_flops(transpose_impl):
         # CPU kernel gradient), so the HLO also counts the multiplications by the zero border, which
         # the analytic input-pixel count leaves out: 1.055 here, and the work is real on every backend.
         assert 1.03 < ratio < 1.08, ratio
+
+
+def test_weight_average_is_the_ema_of_the_trained_weights_and_survives_a_resume(tmp_path):
+    """train.ema_decay: the step keeps d * ema + (1 - d) * weights without changing the weights it
+    trains; checkpoints hold the average for inference and the trained weights for resuming, so a
+    run stopped after step 1 and resumed ends with the straight run's average, bit for bit."""
+    from micronet_jax import benchmark
+
+    config = load_config("default", "tiny")
+    config.train.ema_decay = 0.5
+    config.train.max_steps = 3
+    config.train.checkpoint_every = 100
+    trainer = core.Trainer(config)
+    plain = core.Trainer(load_config("default", "tiny"))
+    batch = core.global_batch(
+        jax.device_get(benchmark.synthetic_batch(trainer, int(config.train.batch_size))), trainer.mesh)
+    state, reference = trainer.initial_state(), plain.initial_state()
+    expected = jax.device_get(state.variables())
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.ema), expected)
+    for _ in range(2):
+        state, _ = trainer.train_step(state, batch)
+        reference, _ = plain.train_step(reference, batch)
+        weights = jax.device_get(state.variables())
+        expected = jax.tree.map(lambda e, w: 0.5 * e + 0.5 * w, expected, weights)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                     jax.device_get(state.ema), expected)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                     weights, jax.device_get(reference.variables()))
+    # The average differs from the weights, so what the checkpoint holds below is not a tautology.
+    assert not np.array_equal(*(jax.tree.leaves(t)[0] for t in (expected, weights)))
+
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    config.train.time_limit_seconds = 1e-3
+    assert train.train_and_evaluate(config, str(tmp_path / "resumed"))["step"] == 1
+    config.train.time_limit_seconds = None
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    straight, s1 = final_variables(tmp_path / "straight", config)
+    resumed, s2 = final_variables(tmp_path / "resumed", config)
+    assert s1 == s2 == 3
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+    restored = checkpointing.restore_state(str(tmp_path / "straight" / "checkpoints"), 3,
+                                           trainer.restore_target())
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.ema), straight)
+    assert not np.array_equal(jax.tree.leaves(restored.params)[0], jax.tree.leaves(straight)[0])
+
+
+def test_weight_average_decay_and_switching_it_on_a_resume_are_refused_clearly():
+    from micronet_jax import workdir as workdir_lib
+
+    config = load_config("default", "tiny")
+    config.train.ema_decay = 1.0
+    with pytest.raises(ValueError, match=r"train\.ema_decay=1\.0 must be in \[0, 1\)"):
+        core.check_config(config, num_devices=1)
+    saved = {"train": {"optimizer": "adam", "ema_decay": 0.0}}
+    refused, _ = workdir_lib.resume_changes(saved, {"train": {"optimizer": "adam", "ema_decay": 0.999}})
+    assert refused == ["train.ema_decay: saved 0.0, given 0.999"]
+    on = {"train": {"optimizer": "adam", "ema_decay": 0.999}}
+    refused, allowed = workdir_lib.resume_changes(on, {"train": {"optimizer": "adam", "ema_decay": 0.99}})
+    assert refused == [] and allowed == ["train.ema_decay: saved 0.999, given 0.99"]
