@@ -53,6 +53,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "half_scale": {"data.scale": 0.5, "data.patch_size": 508},
     # Crops and tiles standardised with their whole image's statistics, not their own (docs/accuracy.md).
     "image_normalize": {"data.normalize": "image"},
+    # An exponential moving average of the weights over ~1,000 steps, validated instead of the last
+    # step's weights (docs/accuracy.md, thirteenth round). Not in the paper.
+    "ema": {"train.ema_decay": 0.999},
     "bf16": {"model.dtype": "bfloat16"},  # bfloat16 compute (a no-op for glas, whose base is bf16).
     "fp32": {"model.dtype": "float32"},  # float32 compute (a no-op for cpu, whose base is fp32).
     "tta": {"eval.tta": True},  # 8-way flip/rot90 test-time augmentation (eval only).

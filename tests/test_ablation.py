@@ -129,7 +129,7 @@ def test_vmapped_seeds_match_seeds_trained_alone(sweep):
                                           crop_size=508))
         for _ in range(STEPS):
             state, metrics = step(state, next(batches))
-        alone.append(jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
+        alone.append(jax.device_get(state.inference_variables()))
         np.testing.assert_allclose(float(metrics["loss"]), records[SEEDS.index(seed)].losses[-1],
                                    rtol=1e-4)
 
