@@ -162,6 +162,9 @@ def resume_changes(
     that one side lacks (a config from an older version) counts as changed only when both have it.
     """
     old, new = flatten(saved), flatten(given)
+    for flat in (old, new):  # Versions before train.ema_decay kept no average: theirs was 0.
+        if any(k.startswith("train.") for k in flat):
+            flat.setdefault("train.ema_decay", 0.0)
     refused, allowed = [], []
     optimizer_changed = _optimizer_kind(old) != _optimizer_kind(new)
     for key in sorted(set(old) & set(new)):

@@ -521,3 +521,6 @@ def test_weight_average_decay_and_switching_it_on_a_resume_are_refused_clearly()
     on = {"train": {"optimizer": "adam", "ema_decay": 0.999}}
     refused, allowed = workdir_lib.resume_changes(on, {"train": {"optimizer": "adam", "ema_decay": 0.99}})
     assert refused == [] and allowed == ["train.ema_decay: saved 0.999, given 0.99"]
+    # A workdir from before the key existed trained without an average.
+    refused, _ = workdir_lib.resume_changes({"train": {"optimizer": "adam"}}, on)
+    assert refused == ["train.ema_decay: saved 0.0, given 0.999"]
