@@ -31,6 +31,17 @@ def final_variables(workdir, config):
     return jax.device_get(variables), step
 
 
+def straight_and_resumed(config, tmp_path):
+    """Trains ``config`` straight through, and again stopped after step 1 and resumed; returns each
+    run's final ``(variables, step)`` as evaluation restores them."""
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    config.train.time_limit_seconds = 1e-3
+    assert train.train_and_evaluate(config, str(tmp_path / "resumed"))["step"] == 1
+    config.train.time_limit_seconds = None
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    return final_variables(tmp_path / "straight", config), final_variables(tmp_path / "resumed", config)
+
+
 @pytest.fixture(scope="module")
 def two_steps_in_process(tmp_path_factory):
     """Two tiny steps by the in-process trainer: the bitwise reference of the in-process tests (the
@@ -345,13 +356,7 @@ def test_batch_norm_and_warmup_cosine_schedule_through_a_resume(tmp_path):
     config.train.warmup_steps = 2
     config.train.max_steps = 4
     config.train.checkpoint_every = 100
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
-    config.train.time_limit_seconds = 1e-3
-    assert train.train_and_evaluate(config, str(tmp_path / "resumed"))["step"] == 1
-    config.train.time_limit_seconds = None
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    straight, s1 = final_variables(tmp_path / "straight", config)
-    resumed, s2 = final_variables(tmp_path / "resumed", config)
+    (straight, s1), (resumed, s2) = straight_and_resumed(config, tmp_path)
     assert s1 == s2 == 4 and set(straight) == {"params", "batch_stats"}
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
     # The statistics moved away from their initial values, so equality above is not trivial.
@@ -493,13 +498,7 @@ def test_weight_average_is_the_ema_of_the_trained_weights_and_survives_a_resume(
     # The average differs from the weights, so what the checkpoint holds below is not a tautology.
     assert not np.array_equal(*(jax.tree.leaves(t)[0] for t in (expected, weights)))
 
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
-    config.train.time_limit_seconds = 1e-3
-    assert train.train_and_evaluate(config, str(tmp_path / "resumed"))["step"] == 1
-    config.train.time_limit_seconds = None
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    straight, s1 = final_variables(tmp_path / "straight", config)
-    resumed, s2 = final_variables(tmp_path / "resumed", config)
+    (straight, s1), (resumed, s2) = straight_and_resumed(config, tmp_path)
     assert s1 == s2 == 3
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
     restored = checkpointing.restore_state(str(tmp_path / "straight" / "checkpoints"), 3,
