@@ -12,6 +12,8 @@ A checkpoint holds four items, so that inference can read the weights without th
 :func:`save_state` / :func:`restore_state` are the one mapping between a :class:`~micronet_jax.core.TrainState`
 and those items; :func:`save_weights` writes ``params`` and ``config`` only (the ablation runner's
 trained seeds), which ``--mode=evaluate|tune|predict`` read like any other checkpoint.
+:func:`restore_variables` reads ``params`` for inference, or with ``weights="trained"``
+(``eval.weights``) the last step's weights of a run trained with an average, from ``opt``.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a process killed
 during a save leaves the previous checkpoint intact and the partial one is ignored and cleaned up.
@@ -325,15 +327,25 @@ def check_model_config(saved: dict[str, Any], model_config: ml_collections.Confi
         )
 
 
+# Which weights inference reads from a checkpoint (``eval.weights``): "inference" the ``params`` item
+# (the average of the weights when the run was trained with ``train.ema_decay``, else the last
+# step's); "trained" the last step's weights (the ``opt`` item's ``trained`` copy when ``params`` holds
+# an average, else ``params`` itself), so an averaged run can be scored against its own weights.
+WEIGHTS = ("inference", "trained")
+
+
 def restore_variables(
-    path: str, model_config: ml_collections.ConfigDict, abstract_variables: Any
+    path: str, model_config: ml_collections.ConfigDict, abstract_variables: Any,
+    weights: str = "inference",
 ) -> tuple[Any, int]:
     """Weights (and BatchNorm statistics) for inference from a workdir or step folder.
 
     A workdir whose preferred checkpoint is damaged falls back to the newest readable one, with a
     warning naming the damaged folder; a step folder named explicitly is used or refused, never
-    swapped for another.
+    swapped for another. ``weights`` is one of :data:`WEIGHTS`.
     """
+    if weights not in WEIGHTS:
+        raise ValueError(f"config eval.weights={weights!r} must be one of {', '.join(WEIGHTS)}")
     directory, steps, explicit = candidates(path)
     target = _on_default_device(abstract_variables)
     damaged: list[tuple[int, str]] = []
@@ -345,8 +357,17 @@ def restore_variables(
             damaged.append((step, describe_error(e)))
             continue
         check_model_config(saved, model_config)  # A mismatch is the user's to fix, not a fallback.
+        from_opt = weights == "trained" and _trained_with_average(saved)
+        if from_opt and not os.path.isdir(os.path.join(step_dir, "opt")):
+            raise ValueError(
+                f"checkpoint folder {step_dir} holds only the average of the weights (trained with "
+                f"train.ema_decay={saved['train']['ema_decay']}, saved as weights only): the last "
+                "step's weights are not in it. Use --config.eval.weights=inference.")
         try:
-            variables = _restore_item(step_dir, "params", ocp.args.StandardRestore(target))
+            if from_opt:
+                variables = _restore_trained(step_dir, target)
+            else:
+                variables = _restore_item(step_dir, "params", ocp.args.StandardRestore(target))
         except Exception as e:  # noqa: BLE001
             damaged.append((step, describe_error(e)))
             continue
@@ -364,6 +385,27 @@ def restore_variables(
         f"no checkpoint in {directory} can be read: "
         + "; ".join(f"{os.path.join(directory, str(s))} ({why})" for s, why in damaged)
     )
+
+
+def _trained_with_average(saved: dict[str, Any]) -> bool:
+    """Whether a checkpoint's ``params`` hold an average of the weights (a config saved before
+    ``train.ema_decay`` existed was trained without one)."""
+    return float(saved.get("train", {}).get("ema_decay", 0.0) or 0.0) > 0.0
+
+
+def _restore_trained(step_dir: str, target: Any) -> Any:
+    """The ``opt`` item's ``trained`` weights alone, laid out as ``target``, without reading the
+    optimizer state (which needs the optimizer's tree to restore)."""
+    item = {"trained": target}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        return checkpointer.restore(
+            os.path.join(step_dir, "opt"),
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        )["trained"]
+    finally:
+        checkpointer.close()
 
 
 def _on_default_device(abstract: Any) -> Any:

@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- evaluation / inference (spec §5)
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "val"  # val | train | testA | testB | all.
+    # Which weights --mode=evaluate|tune|predict read from a checkpoint: "inference" (what it
+    # keeps for inference: the average of the weights if trained with train.ema_decay, else the last
+    # step's) | "trained" (the last step's weights, kept beside an average for resuming).
+    c.eval.weights = "inference"
     c.eval.margin = 64  # Reflect padding and discarded tile border (§5).
     c.eval.stitch = "center"  # center (keep each tile's centre) | blend (weighted average).
     c.eval.tile_batch = 4  # Tiles per forward call.

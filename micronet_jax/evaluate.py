@@ -213,7 +213,8 @@ def load_for_inference(config: ml_collections.ConfigDict, checkpoint: str) -> tu
     """The model and its restored variables (single device) from a workdir or step folder."""
     model = build_model(config.model)
     target = abstract_variables(model)
-    variables, step = checkpointing.restore_variables(checkpoint, config.model, target)
+    variables, step = checkpointing.restore_variables(
+        checkpoint, config.model, target, weights=str(config.eval.weights))
     logger.info("restored checkpoint step %d from %s", step, checkpoint)
     return model, variables, step
 
@@ -236,7 +237,8 @@ def evaluate_checkpoint(
         normalize=_normalize(config),
     )
     write_report(out, split, result, {"checkpoint": os.path.abspath(checkpoint), "step": step,
-                                       "tta": bool(config.eval.tta)})
+                                       "tta": bool(config.eval.tta),
+                                       "weights": str(config.eval.weights)})
     s = result["summary"]
     print(f"{split}: F1 {s['f1']:.4f}  object Dice {s['object_dice']:.4f}  object Hausdorff "
           f"{format_hausdorff(s['object_hausdorff'])}  ({len(examples)} image{'' if len(examples) == 1 else 's'}, {result['seconds']:.1f} s) -> {out}")

@@ -505,6 +505,37 @@ def test_weight_average_is_the_ema_of_the_trained_weights_and_survives_a_resume(
                                            trainer.restore_target())
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.ema), straight)
     assert not np.array_equal(jax.tree.leaves(restored.params)[0], jax.tree.leaves(straight)[0])
+    # --config.eval.weights=trained scores the run's own last-step weights instead of the average.
+    trained, _ = checkpointing.restore_variables(
+        str(tmp_path / "straight"), config.model, abstract_variables(build_model(config.model)),
+        weights="trained")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trained["params"]),
+                 jax.device_get(restored.params))
+
+
+def test_trained_weights_without_an_average_are_the_params_and_weights_only_average_is_refused(
+        two_steps_in_process, tmp_path):
+    """eval.weights=trained reads a plain run's params (its last step's weights); a weights-only
+    checkpoint of an averaged run (the ablation runner's seeds) lacks them and says so by folder."""
+    config = load_config("default", "tiny")
+    target = abstract_variables(build_model(config.model))
+    inference, step = checkpointing.restore_variables(str(two_steps_in_process), config.model, target)
+    trained, _ = checkpointing.restore_variables(str(two_steps_in_process), config.model, target,
+                                                 weights="trained")
+    assert step == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trained), jax.device_get(inference))
+    with pytest.raises(ValueError, match=r"eval\.weights='last' must be one of inference, trained"):
+        checkpointing.restore_variables(str(two_steps_in_process), config.model, target, weights="last")
+
+    config.train.ema_decay = 0.9
+    manager = checkpointing.make_manager(str(tmp_path))
+    checkpointing.save_weights(manager, 5, jax.device_get(inference), config=config)
+    manager.wait_until_finished()
+    manager.close()
+    checkpointing.restore_variables(str(tmp_path), config.model, target)  # The average: readable.
+    with pytest.raises(ValueError, match=r"checkpoint folder .*/5 holds only the average of the "
+                                         r"weights \(trained with train\.ema_decay=0\.9"):
+        checkpointing.restore_variables(str(tmp_path), config.model, target, weights="trained")
 
 
 def test_weight_average_decay_and_switching_it_on_a_resume_are_refused_clearly():
