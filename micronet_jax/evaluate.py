@@ -21,12 +21,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from micronet_jax import checkpointing, infer, metrics, postprocess, visualize
+from micronet_jax import checkpointing, ensemble, infer, metrics, postprocess, visualize
 from micronet_jax.core import jit_tile_forward, make_forward_fn
 from micronet_jax import slide as wsi_slide
 from micronet_jax.data import resample
 from micronet_jax.config import check_normalize, config_value
 from micronet_jax.data.readers import IMAGE_EXTENSIONS, DataError, read_image
+from micronet_jax.ensemble import Ensemble
 from micronet_jax.inputs import moments, standardize, standardize_with
 from micronet_jax.models import MicroNet, build_model
 from micronet_jax.models.summary import abstract_variables
@@ -209,34 +210,69 @@ def json_scalar(v: Any) -> Any:
     return v
 
 
-def load_for_inference(config: ml_collections.ConfigDict, checkpoint: str) -> tuple[MicroNet, Any, int]:
-    """The model and its restored variables (single device) from a workdir or step folder."""
+Checkpoints = str | Sequence[str]
+
+
+def load_for_inference(
+    config: ml_collections.ConfigDict, checkpoint: Checkpoints
+) -> tuple[MicroNet | Ensemble, Any, int | list[int]]:
+    """The model and its restored variables (single device) from a workdir or step folder; given
+    several, an :class:`~micronet_jax.ensemble.Ensemble` of them, its variables stacked and its step
+    the list of the members' steps."""
+    paths = _paths(checkpoint)
     model = build_model(config.model)
     target = abstract_variables(model)
-    variables, step = checkpointing.restore_variables(
-        checkpoint, config.model, target, weights=str(config.eval.weights))
-    logger.info("restored checkpoint step %d from %s", step, checkpoint)
-    return model, variables, step
+    members, steps = [], []
+    for path in paths:
+        variables, step = checkpointing.restore_variables(
+            path, config.model, target, weights=str(config.eval.weights))
+        logger.info("restored checkpoint step %d from %s", step, path)
+        members.append(variables)
+        steps.append(step)
+    if len(paths) == 1:
+        return model, members[0], steps[0]
+    return Ensemble(model, len(paths)), ensemble.stack(members), steps
+
+
+def _paths(checkpoint: Checkpoints) -> list[str]:
+    paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else [str(p) for p in checkpoint]
+    if not paths:
+        raise ValueError("no checkpoint given")
+    return paths
+
+
+def _output_dir(checkpoint: Checkpoints, output_dir: str | os.PathLike | None, name: str) -> str:
+    """``output_dir``, else ``name`` inside the one checkpoint's folder; an ensemble has no folder of
+    its own, so it needs one named."""
+    if output_dir:
+        return str(output_dir)
+    paths = _paths(checkpoint)
+    if len(paths) > 1:
+        raise ValueError(f"several checkpoints ({', '.join(paths)}) need --output: an ensemble's "
+                         "results have no workdir of their own")
+    return os.path.join(paths[0], name)
 
 
 def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, checkpoint: str, output_dir: str | None = None
+    config: ml_collections.ConfigDict, checkpoint: Checkpoints, output_dir: str | None = None
 ) -> dict[str, Any]:
-    """``--mode=evaluate``: scores ``config.eval.split`` and writes the reports and overlays."""
+    """``--mode=evaluate``: scores ``config.eval.split`` and writes the reports and overlays (of the
+    mean probability of several checkpoints, when given several)."""
     from micronet_jax.data import load_split
 
-    model, variables, step = load_for_inference(config, checkpoint)
     split = str(config.eval.split)
+    out = _output_dir(checkpoint, output_dir, f"eval_{split}")
+    model, variables, step = load_for_inference(config, checkpoint)
     examples = load_split(config.data, split)
     if config.eval.max_images:
         examples = examples[: int(config.eval.max_images)]
-    out = output_dir or os.path.join(checkpoint, f"eval_{split}")
     result = evaluate_examples(
         make_forward_fn(model, variables), examples, config.eval, model.variant,
         overlay_dir=os.path.join(out, "overlays"), scale=float(config.data.scale),
         normalize=_normalize(config),
     )
-    write_report(out, split, result, {"checkpoint": os.path.abspath(checkpoint), "step": step,
+    paths = [os.path.abspath(p) for p in _paths(checkpoint)]
+    write_report(out, split, result, {"checkpoint": paths[0] if len(paths) == 1 else paths, "step": step,
                                        "tta": bool(config.eval.tta),
                                        "weights": str(config.eval.weights)})
     s = result["summary"]
@@ -275,14 +311,15 @@ def split_inputs(input_path: str) -> tuple[list[Path], list[Path]]:
 
 
 def predict(
-    config: ml_collections.ConfigDict, checkpoint: str, input_path: str, output_dir: str | None = None
+    config: ml_collections.ConfigDict, checkpoint: Checkpoints, input_path: str,
+    output_dir: str | None = None
 ) -> dict[str, Any]:
     """``--mode=predict``: ordinary images through :func:`predict_folder`, whole slides (SVS, tiled or
     pyramidal TIFF, OME-TIFF, ...) through :func:`micronet_jax.wsi.predict_slide`, one folder each."""
     from micronet_jax import wsi
 
     images, slide_files = split_inputs(input_path)
-    out = wsi.check_output_dir(output_dir or os.path.join(checkpoint, "predict"))
+    out = wsi.check_output_dir(_output_dir(checkpoint, output_dir, "predict"))
     result: dict[str, Any] = {}
     if images:
         result["images"] = predict_folder(config, checkpoint, images, out)
@@ -301,7 +338,7 @@ def predict(
 
 
 def predict_folder(
-    config: ml_collections.ConfigDict, checkpoint: str, input_dir: str | Sequence[Path],
+    config: ml_collections.ConfigDict, checkpoint: Checkpoints, input_dir: str | Sequence[Path],
     output_dir: str | os.PathLike | None = None
 ) -> list[dict[str, Any]]:
     """Ordinary images: label PNGs, overlays and a CSV of gland counts and areas per image.
@@ -311,7 +348,7 @@ def predict_folder(
     files = list_images(input_dir) if isinstance(input_dir, (str, os.PathLike)) else list(input_dir)
     model, variables, _ = load_for_inference(config, checkpoint)
     forward = make_forward_fn(model, variables)
-    out = Path(output_dir or os.path.join(checkpoint, "predict"))
+    out = Path(_output_dir(checkpoint, output_dir, "predict"))
     (out / "labels").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -349,7 +386,7 @@ TUNE_BORDER_MIN_SIZES = (None, 300, 1000)  # objects touching the image's frame 
 
 
 def tune_checkpoint(
-    config: ml_collections.ConfigDict, checkpoint: str, output_dir: str | None = None
+    config: ml_collections.ConfigDict, checkpoint: Checkpoints, output_dir: str | None = None
 ) -> dict[str, Any]:
     """``--mode=tune``: picks threshold, minimum object size (also for objects touching the image's
     frame), opening and the neck split or watershed seeds on the validation split.
@@ -365,6 +402,7 @@ def tune_checkpoint(
             f"config eval.split={split!r}: post-processing is tuned on the validation split only "
             "(--config.eval.split=val); Test A/B are for the final, independent scoring"
         )
+    out = _output_dir(checkpoint, output_dir, f"tune_{split}")
     model, variables, step = load_for_inference(config, checkpoint)
     examples = load_split(config.data, split)
     if config.eval.max_images:
@@ -385,7 +423,6 @@ def tune_checkpoint(
         split_distances=TUNE_SPLIT_DISTANCES, marker_sigma=float(config.eval.marker_sigma),
         workers=config.eval.get("tune_workers"), border_min_sizes=TUNE_BORDER_MIN_SIZES,
     )
-    out = output_dir or os.path.join(checkpoint, f"tune_{split}")
     os.makedirs(out, exist_ok=True)
     _write_csv(os.path.join(out, "tuning.csv"), rows)
     best_row = next(r for r in rows if all(r[k] == v for k, v in best.items() if k in r))

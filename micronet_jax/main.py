@@ -13,6 +13,7 @@ Examples:
   python -m micronet_jax.main --config configs/glas_508.py --config.data.root=/data/GlaS --workdir runs/glas
   python -m micronet_jax.main --config configs/glas_508.py --config.data.root=/data/GlaS --mode=evaluate --checkpoint runs/glas --config.eval.split=testA
   python -m micronet_jax.main --config configs/default.py --mode=predict --checkpoint runs/default --input slide.svs --output out/
+  python -m micronet_jax.main --config configs/glas_cpu.py --config.data.root=/data/GlaS --mode=evaluate --checkpoint runs/s0 --checkpoint runs/s1 --output runs/ensemble
 Every config key is listed, with its default and reason, in micronet_jax/config.py.
 """
 # This file only parses flags and hands over; everything else is importable without flags.
@@ -38,10 +39,12 @@ _WORKDIR = flags.DEFINE_string(
     "Run directory: checkpoints, config.json, metrics.jsonl, TensorBoard events, reports. A workdir "
     "that already holds checkpoints is resumed.",
 )
-_CHECKPOINT = flags.DEFINE_string(
+_CHECKPOINT = flags.DEFINE_multi_string(
     "checkpoint", None,
     "evaluate/predict/tune: a workdir (its best checkpoint, else its latest), one checkpoint step "
-    "folder, or an ablation run folder (runs/<variant>/seed_<s>). Defaults to --workdir.",
+    "folder, or an ablation run folder (runs/<variant>/seed_<s>). Defaults to --workdir. Given "
+    "several times (seeds or folds of one model config), their probabilities are averaged: an "
+    "ensemble, whose results need --output.",
 )
 _INPUT = flags.DEFINE_string(
     "input", None,
@@ -100,9 +103,13 @@ def _run_mode(config) -> None:
 
     from micronet_jax import evaluate
 
-    checkpoint = _CHECKPOINT.value or _WORKDIR.value
-    if not checkpoint:
+    checkpoints = _CHECKPOINT.value or ([_WORKDIR.value] if _WORKDIR.value else [])
+    if not checkpoints:
         raise app.UsageError(f"--checkpoint (or --workdir) is required for --mode={_MODE.value}")
+    if len(checkpoints) > 1 and not _OUTPUT.value:
+        raise app.UsageError(f"--output is required with several --checkpoint (an ensemble of "
+                             f"{len(checkpoints)}): its results have no workdir of their own")
+    checkpoint = checkpoints[0] if len(checkpoints) == 1 else checkpoints
     if _MODE.value == "evaluate":
         evaluate.evaluate_checkpoint(config, checkpoint, output_dir=_OUTPUT.value)
     elif _MODE.value == "tune":

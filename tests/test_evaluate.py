@@ -170,3 +170,52 @@ def test_tta_with_the_real_model_is_the_mean_over_the_eight_transforms(trained):
     ], axis=0)[margin:-margin, margin:-margin]
     np.testing.assert_allclose(with_tta, by_hand, atol=1e-5)
     assert np.abs(with_tta - plain).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A second checkpoint of the tiny model (its initial weights), for ensembles with ``trained``."""
+    import jax
+
+    from micronet_jax import checkpointing
+    from micronet_jax.models import build_model
+
+    workdir = tmp_path_factory.mktemp("untrained")
+    config = load_config("default", "tiny")
+    model = build_model(config.model)
+    variables = jax.jit(lambda k: model.init(k, np.zeros((1, 508, 508, 3), np.float32), train=False))(
+        jax.random.PRNGKey(7))
+    manager = checkpointing.make_manager(str(workdir))
+    checkpointing.save_weights(manager, 0, variables, config=config)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
+def test_ensemble_of_checkpoints_averages_their_probabilities(trained, untrained, tmp_path):
+    """Several --checkpoint: the tile forward's softmax is the members' mean probability, and
+    --mode=evaluate scores it, naming every member; without --output it stops with one message."""
+    import jax
+
+    from micronet_jax.ensemble import Ensemble
+
+    config = load_config("default", "tiny")
+    model, stacked, steps = evaluate.load_for_inference(config, [str(trained), str(untrained)])
+    assert isinstance(model, Ensemble) and model.size == 2 and steps == [6, 0]
+    tile = np.random.default_rng(0).normal(size=(2, 508, 508, 3)).astype(np.float32)
+    members = [evaluate.load_for_inference(config, str(p))[:2] for p in (trained, untrained)]
+    probs = [np.asarray(jax.nn.softmax(core.make_forward_fn(m, v)(tile), -1)) for m, v in members]
+    mean = np.asarray(jax.nn.softmax(core.make_forward_fn(model, stacked)(tile), -1))
+    np.testing.assert_allclose(mean, (probs[0] + probs[1]) / 2, atol=1e-6)
+    assert np.abs(probs[0] - probs[1]).max() > 1e-2  # Two different members: the mean is not either.
+
+    out = tmp_path / "ensemble"
+    run_main(*TINY, "--mode=evaluate", f"--checkpoint={trained}", f"--checkpoint={untrained}",
+             f"--output={out}", "--config.eval.split=testA")
+    report = json.load(open(out / "report.json"))
+    assert report["step"] == [6, 0]
+    assert report["checkpoint"] == [os.path.abspath(trained), os.path.abspath(untrained)]
+    refused = run_main(*TINY, "--mode=evaluate", f"--checkpoint={trained}", f"--checkpoint={untrained}",
+                       check=False)
+    assert refused.returncode != 0 and "--output is required with several --checkpoint" in refused.stderr
+    assert "Traceback" not in refused.stderr
