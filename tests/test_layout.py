@@ -8,11 +8,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "micronet_jax"
 # Low to high; a module may import only modules listed before it.
 LAYERS = [
     "config", "models", "losses", "optim", "core", "checkpointing", "workdir", "preemption", "cli",
-    "inputs", "data", "infer", "metrics", "postprocess", "slide", "stitch", "export", "visualize",
+    "inputs", "data", "infer", "ensemble", "metrics", "postprocess", "slide", "stitch", "export", "visualize",
     "wsi", "evaluate", "plots", "reporting", "train", "multiseed", "ablation", "benchmark", "main", "tools",
 ]
 BELOW_THE_TRAINER = ["config", "models", "losses", "optim", "core", "checkpointing", "workdir",
-                     "preemption", "cli", "inputs", "infer", "metrics", "postprocess", "reporting"]
+                     "preemption", "cli", "inputs", "infer", "ensemble", "metrics", "postprocess", "reporting"]
 
 
 def _imports() -> dict[str, set[str]]:
