@@ -27,7 +27,6 @@ from micronet_jax import slide as wsi_slide
 from micronet_jax.data import resample
 from micronet_jax.config import check_normalize, config_value
 from micronet_jax.data.readers import IMAGE_EXTENSIONS, DataError, read_image
-from micronet_jax.ensemble import Ensemble
 from micronet_jax.inputs import moments, standardize, standardize_with
 from micronet_jax.models import MicroNet, build_model
 from micronet_jax.models.summary import abstract_variables
@@ -215,7 +214,7 @@ Checkpoints = str | Sequence[str]
 
 def load_for_inference(
     config: ml_collections.ConfigDict, checkpoint: Checkpoints
-) -> tuple[MicroNet | Ensemble, Any, int | list[int]]:
+) -> tuple[MicroNet | ensemble.Ensemble, Any, int | list[int]]:
     """The model and its restored variables (single device) from a workdir or step folder; given
     several, an :class:`~micronet_jax.ensemble.Ensemble` of them, its variables stacked and its step
     the list of the members' steps."""
@@ -231,7 +230,7 @@ def load_for_inference(
         steps.append(step)
     if len(paths) == 1:
         return model, members[0], steps[0]
-    return Ensemble(model, len(paths)), ensemble.stack(members), steps
+    return ensemble.Ensemble(model, len(paths)), ensemble.stack(members), steps
 
 
 def _paths(checkpoint: Checkpoints) -> list[str]:
