@@ -44,6 +44,26 @@ def run_main(*args: str, env: dict | None = None, timeout: float = 600, check: b
 TINY = ["--config", "configs/default.py:tiny"]
 
 
+def initialised_checkpoint(workdir, seed: int = 0):
+    """The tiny model's initial weights (from ``seed``) saved as a weights-only step-0 checkpoint in
+    ``workdir``: a checkpoint the CLI restores without compiling a training step."""
+    import jax
+    import numpy as np
+
+    from micronet_jax import checkpointing
+    from micronet_jax.models import build_model
+
+    config = load_config("default", "tiny")
+    model = build_model(config.model)
+    variables = jax.jit(lambda k: model.init(k, np.zeros((1, 508, 508, 3), np.float32), train=False))(
+        jax.random.PRNGKey(seed))
+    manager = checkpointing.make_manager(str(workdir))
+    checkpointing.save_weights(manager, 0, variables, config=config)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
 def restored_params(workdir, config):
     """The parameters ``--mode=evaluate`` would use from a workdir or step folder, and their step."""
     import jax

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import load_config, run_main
+from conftest import initialised_checkpoint, load_config, run_main
 from PIL import Image
 
 from micronet_jax import core, evaluate, metrics
@@ -175,21 +175,7 @@ def test_tta_with_the_real_model_is_the_mean_over_the_eight_transforms(trained):
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
     """A second checkpoint of the tiny model (its initial weights), for ensembles with ``trained``."""
-    import jax
-
-    from micronet_jax import checkpointing
-    from micronet_jax.models import build_model
-
-    workdir = tmp_path_factory.mktemp("untrained")
-    config = load_config("default", "tiny")
-    model = build_model(config.model)
-    variables = jax.jit(lambda k: model.init(k, np.zeros((1, 508, 508, 3), np.float32), train=False))(
-        jax.random.PRNGKey(7))
-    manager = checkpointing.make_manager(str(workdir))
-    checkpointing.save_weights(manager, 0, variables, config=config)
-    manager.wait_until_finished()
-    manager.close()
-    return workdir
+    return initialised_checkpoint(tmp_path_factory.mktemp("untrained"), seed=7)
 
 
 def test_ensemble_of_checkpoints_averages_their_probabilities(trained, untrained, tmp_path):

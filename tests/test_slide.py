@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import shapely
 import tifffile
-from conftest import load_config, run_main
+from conftest import initialised_checkpoint, load_config, run_main
 from scipy import ndimage
 from shapely.geometry import shape
 
@@ -225,21 +225,7 @@ def test_bad_slides_are_one_clear_error(tmp_path):
 def checkpoint(tmp_path_factory):
     """A randomly initialised tiny model saved as a step-0 checkpoint (the CLI restores from one);
     no training step is compiled, which keeps the test cheap."""
-    import jax
-
-    from micronet_jax import checkpointing
-    from micronet_jax.models import build_model
-
-    workdir = tmp_path_factory.mktemp("ckpt")
-    config = load_config("default", "tiny")
-    model = build_model(config.model)
-    variables = jax.jit(lambda k: model.init(k, np.zeros((1, 508, 508, 3), np.float32), train=False))(
-        jax.random.PRNGKey(0))
-    manager = checkpointing.make_manager(str(workdir))
-    checkpointing.save_weights(manager, 0, variables, config=config)
-    manager.wait_until_finished()
-    manager.close()
-    return workdir
+    return initialised_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_cli_predicts_a_slide_with_a_real_model(checkpoint, tmp_path):
