@@ -68,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
     # by a marker-controlled watershed, which separates touching glands (micronet_jax/data/targets.py).
     c.data.target = "binary"
     c.data.boundary_width = 4
+    # Training labels only: gland pixels within this many px (at the training resolution, after
+    # data.scale) of another gland become background, so neighbouring glands are at least that far
+    # apart in the target and a two-class output can learn to keep them apart. 0 = the annotation
+    # as it is (the paper). Validation and test labels are never changed (micronet_jax/data/targets.py).
+    c.data.gap_width = 0
     # Resample every image (and label) by this factor before training and inference; predictions are
     # resampled back, so metrics are always at the original resolution. 1.0 = the paper; 0.5 lets a
     # 508 (or 252) patch see four times the tissue, for fewer FLOPs per gland on small machines.

@@ -1,5 +1,5 @@
-"""The three-class contour target, its class-balanced weights, the watershed that uses it, and
-resampling by data.scale."""
+"""The three-class contour target, its class-balanced weights, the watershed that uses it, the
+widened gaps of the two-class target, and resampling by data.scale."""
 
 import numpy as np
 import pytest
@@ -63,6 +63,46 @@ def fake_contour_probabilities(label, boundary_width=3):
     """What a perfect contour model outputs: one-hot of the 3-class target."""
     classes = targets.class_map(label, "contour", boundary_width)
     return np.eye(3, dtype=np.float32)[classes]
+
+
+def test_widen_gaps_opens_the_sides_that_face_a_neighbour_only():
+    label = two_touching_squares()
+    label[10:30, 54:58] = 3  # a 4-px gap right of gland 2: 5 px from its last column
+    out = targets.widen_gaps(label, 2)
+    assert (out[10:30, 28:32] == 0).all()  # both sides of the shared border give up 2 columns
+    assert (out[10:30, 10:28] == 1).all() and (out[10:30, 32:50] == 2).all()
+    assert (out == 3).sum() == (label == 3).sum()  # 5 px from gland 2: further than the width
+    assert set(np.unique(out)) == {0, 1, 2, 3} and out.dtype == label.dtype
+    assert (out[label == 0] == 0).all()  # only gland pixels change, and only to background
+    np.testing.assert_array_equal(targets.widen_gaps(out, 2), out)  # nothing left within 2 px
+    np.testing.assert_array_equal(targets.widen_gaps(label, 0), label)
+    # Width 6 reaches across that gap: gland 2's right side and gland 3's left side give way.
+    wide = targets.widen_gaps(label, 6)
+    assert (wide[10:30, 48:50] == 0).all() and (wide[10:30, 54:56] == 0).all()
+    assert (wide[10:30, 47] == 2).all() and (wide[10:30, 56] == 3).all()
+    with pytest.raises(ValueError, match="data.gap_width=-1"):
+        targets.widen_gaps(label, -1)
+
+
+def test_training_source_widens_gaps_from_the_config_key():
+    from micronet_jax.config import base_config
+    from micronet_jax.data.pipeline import TrainSource
+
+    examples = make_synthetic_glands(2, height=200, width=220, seed=1, touch_prob=0.9)
+    c = base_config()
+    c.data.patch_size = 128  # no padding: the source's labels have the examples' shapes
+    plain = TrainSource.from_config(examples, c.data)
+    c.data.gap_width = 3
+    source = TrainSource.from_config(examples, c.data)
+    assert source.gap_width == 3 and plain.gap_width == 0
+    for ex, lab, kept in zip(examples, source.labels, plain.labels):
+        np.testing.assert_array_equal(kept, ex.label)
+        changed = lab != ex.label
+        assert changed.any() and (lab[changed] == 0).all()  # touching glands were opened
+        np.testing.assert_array_equal(targets.widen_gaps(lab, 3), lab)
+    # The weight maps are made from the opened labels: the new gaps carry the separation term.
+    opened = source.labels[0] != examples[0].label
+    assert source.weights[0][opened].mean() > plain.weights[0][opened].mean()
 
 
 def test_watershed_splits_touching_glands_that_components_merge():
