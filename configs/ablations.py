@@ -56,6 +56,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # An exponential moving average of the weights over ~1,000 steps, validated instead of the last
     # step's weights (docs/accuracy.md, thirteenth round). Not in the paper.
     "ema": {"train.ema_decay": 0.999},
+    # Three times the U-Net weight on the background between neighbouring glands (docs/accuracy.md,
+    # fifteenth round). The paper's w0 is 10.
+    "w0_30": {"data.weight_map.w0": 30.0},
+    # Training labels with the gaps between neighbouring glands widened to about 3 px, so a two-class
+    # output can learn to keep them apart (docs/accuracy.md, fifteenth round). Not in the paper.
+    "gap_width": {"data.gap_width": 3},
     "bf16": {"model.dtype": "bfloat16"},  # bfloat16 compute (a no-op for glas, whose base is bf16).
     "fp32": {"model.dtype": "float32"},  # float32 compute (a no-op for cpu, whose base is fp32).
     "tta": {"eval.tta": True},  # 8-way flip/rot90 test-time augmentation (eval only).
