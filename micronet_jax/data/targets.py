@@ -44,12 +44,13 @@ def widen_gaps(label: np.ndarray, width: int) -> np.ndarray:
 
     Why: in GlaS the background between neighbouring glands is often 1-2 px wide, less once
     ``data.scale`` halves the image. A two-class network does not reproduce such thin lines, and
-    glands joined by them come out as one object (docs/accuracy.md, fifteenth round). Trained on
-    wider gaps it may. Glands further than ``width`` px from any other are unchanged, and only the
-    sides that face a neighbour give up pixels. ``width`` 0 returns the labels as they are.
+    glands joined by them come out as one object. Trained on wider gaps it might keep them apart;
+    in the CPU recipe at width 3 it did not (docs/accuracy.md, fifteenth round: as many merges).
+    Glands further than ``width`` px from any other are unchanged, and only the sides that face a
+    neighbour give up pixels. ``width`` 0 returns the labels as they are.
 
     A pixel of gland k is near another gland exactly when a disk of radius ``width`` around it holds
-    an id other than k: then the disk's largest id is above k or its smallest gland id below k.
+    another gland's id: then the disk's largest id is above k or its smallest gland id below k.
     """
     label = np.asarray(label)
     if width < 0:
