@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import disk
 from skimage.segmentation import find_boundaries
 
 from micronet_jax.config import check_target  # data.target's values and classes live in config.py
@@ -57,13 +58,11 @@ def widen_gaps(label: np.ndarray, width: int) -> np.ndarray:
         raise ValueError(f"config data.gap_width={width} must be >= 0")
     if width == 0 or label.max(initial=0) == 0:
         return label
-    r = int(width)
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    disk = yy * yy + xx * xx <= width * width
+    footprint = disk(int(width)).astype(bool)  # as postprocess's opening: x² + y² <= width²
     ids = label.astype(np.int64)
-    largest = ndimage.grey_dilation(ids, footprint=disk, mode="nearest")
+    largest = ndimage.grey_dilation(ids, footprint=footprint, mode="nearest")
     big = np.iinfo(np.int64).max
-    smallest = ndimage.grey_erosion(np.where(ids > 0, ids, big), footprint=disk, mode="nearest")
+    smallest = ndimage.grey_erosion(np.where(ids > 0, ids, big), footprint=footprint, mode="nearest")
     near_other = (ids > 0) & ((largest != ids) | (smallest != ids))
     out = label.copy()
     out[near_other] = 0
