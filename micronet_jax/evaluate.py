@@ -187,6 +187,13 @@ def markdown_table(split: str, summary: dict[str, Any], n_images: int) -> str:
         "marked * are unverified (micronet_spec.md §6). Only Test A/B numbers are comparable with "
         "the paper; a validation split of the training images is not.",
     ]
+    if all(k in summary for k in metrics.ERROR_KINDS):
+        lines.append(
+            f"FN by kind: {summary['fn_missed']} missed, {summary['fn_merged']} merged into a "
+            f"neighbour's object, {summary['fn_undercovered']} under-covered; FP by kind: "
+            f"{summary['fp_background']} on background, {summary['fp_fragment']} fragments of matched "
+            f"glands, {summary['fp_unmatched']} over unmatched glands (metrics.py: _error_kinds; "
+            "per_image.csv has them by image).")
     if summary.get("num_empty_pred"):
         lines.append(f"{summary['num_empty_pred']} image(s) had an empty prediction (Hausdorff +inf).")
     return "\n".join(lines) + "\n"

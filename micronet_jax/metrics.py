@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["glas_metrics", "image_stats", "per_image_metrics"]
+__all__ = ["ERROR_KINDS", "glas_metrics", "image_stats", "per_image_metrics"]
 
 _MODES = ("pooled", "mean")
 _FN_RULES = ("default", "v5")
@@ -148,11 +148,55 @@ def _detection_and_dice(
         "g_area": g_area,
         "s_partner": s_partner,
         "s_has": s_has,
+        "is_tp": is_tp,
         "g_partner": g_partner,
         "g_has": g_has,
         "s_dice_sum": float(np.dot(s_area, s_dice)),
         "g_dice_sum": float(np.dot(g_area, g_dice)),
     }
+
+
+# Kinds of error, as counted by image_stats (each pools by summation). A missed gland's best object covers
+# less than this share of it; between this and the TP rule's half it is under-covered.
+MISSED_COVERAGE = 0.2
+ERROR_KINDS = ("fn_missed", "fn_merged", "fn_undercovered", "fp_background", "fp_fragment", "fp_unmatched")
+
+
+def _error_kinds(cont: np.ndarray, d: dict[str, Any]) -> dict[str, int]:
+    """Why each unmatched gland and each false object is one: what to fix next, read from the counts.
+
+    A ground-truth gland with no TP object is *missed* (no object covers ``MISSED_COVERAGE`` of it),
+    *merged* (the object covering most of it is a TP of another gland: two glands joined into one
+    object) or *under-covered* (an object covers part of it, but not the half the TP rule asks). A false
+    object lies on *background* (it overlaps no gland), is a *fragment* of a gland another object
+    matched, or lies over an *unmatched* gland (the other side of an under-covered one). The FN kinds
+    sum to FN under the default ``fn_rule`` (the v5 rule counts FN differently), the FP kinds to FP.
+    """
+    ov = cont[1:, 1:]
+    n_s, n_g = ov.shape
+    out = dict.fromkeys(ERROR_KINDS, 0)
+    is_tp = d["is_tp"]
+    matched = np.zeros(n_g, bool)
+    matched[d["s_partner"][is_tp]] = True
+    for j in np.flatnonzero(~matched):
+        if not n_s or not d["g_has"][j]:
+            out["fn_missed"] += 1
+            continue
+        i = int(d["g_partner"][j])
+        if ov[i, j] < MISSED_COVERAGE * d["g_area"][j]:
+            out["fn_missed"] += 1
+        elif is_tp[i]:
+            out["fn_merged"] += 1
+        else:
+            out["fn_undercovered"] += 1
+    for i in np.flatnonzero(~is_tp):
+        if not d["s_has"][i]:
+            out["fp_background"] += 1
+        elif matched[d["s_partner"][i]]:
+            out["fp_fragment"] += 1
+        else:
+            out["fp_unmatched"] += 1
+    return out
 
 
 def _union_box(a: tuple[slice, slice], b: tuple[slice, slice]) -> tuple[slice, slice]:
@@ -268,7 +312,8 @@ def image_stats(
     ``tp, fp, fn, n_pred, n_gt`` (object counts), ``pred_area, gt_area`` (total object areas),
     ``pred_dice_sum, gt_dice_sum`` (Σ area·Dice per side), ``pred_haus_sum, gt_haus_sum``
     (Σ area·H per side, may be +inf), ``pixel_inter, pixel_pred, pixel_gt`` (foreground pixels), and the
-    per-image ``f1, dice, hausdorff, precision, recall, pixel_dice, pixel_iou``.
+    per-image ``f1, dice, hausdorff, precision, recall, pixel_dice, pixel_iou``, and the counts of each
+    kind of error (``ERROR_KINDS``, see :func:`_error_kinds`).
     ``hausdorff=False`` skips the (costly) distance part and reports NaN for it.
     """
     _check_rules(fn_rule, threshold_rule)
@@ -327,6 +372,7 @@ def image_stats(
         "recall": r,
         "pixel_dice": pdice,
         "pixel_iou": piou,
+        **_error_kinds(cont, d),
     }
 
 
@@ -339,7 +385,7 @@ def per_image_metrics(
 
 def per_image_row(stats: dict[str, Any]) -> dict[str, Any]:
     """The per-image report columns out of one :func:`image_stats` result."""
-    return {k: stats[k] for k in ("f1", "dice", "hausdorff", "tp", "fp", "fn")}
+    return {k: stats[k] for k in ("f1", "dice", "hausdorff", "tp", "fp", "fn", *ERROR_KINDS)}
 
 
 def aggregate_stats(
@@ -358,6 +404,8 @@ def aggregate_stats(
     tot = {k: sum(s[k] for s in stats) for k in (
         "tp", "fp", "fn", "n_pred", "n_gt", "pred_area", "gt_area", "pred_dice_sum", "gt_dice_sum",
         "pred_haus_sum", "gt_haus_sum", "pixel_inter", "pixel_pred", "pixel_gt")}
+    # Stats made before the error kinds existed (or by other code) may lack them; they count as absent.
+    kinds = {k: int(sum(s[k] for s in stats)) for k in ERROR_KINDS if all(k in s for s in stats)}
     out: dict[str, Any] = {
         "mode": mode,
         "tp": int(tot["tp"]),
@@ -366,6 +414,7 @@ def aggregate_stats(
         "num_images": len(stats),
         "num_empty_pred": sum(1 for s in stats if s["n_gt"] > 0 and s["n_pred"] == 0),
         "num_empty_gt": sum(1 for s in stats if s["n_pred"] > 0 and s["n_gt"] == 0),
+        **kinds,
     }
     if mode == "pooled":
         out["f1"] = _f1(out["tp"], out["fp"], out["fn"])

@@ -39,6 +39,12 @@ def test_evaluate_writes_reports_beside_the_paper(trained, tmp_path):
     table = open(out / "report.md").read()
     assert "paper, testA | 0.913" in table and "paper, testB | 0.724" in table
     assert f"TP {m['tp']}, FP {m['fp']}, FN {m['fn']}" in table
+    # Each false object and each unmatched gland has one kind, in the CSV and in the pooled report.
+    for key in ("fn_missed", "fn_merged", "fn_undercovered", "fp_background", "fp_fragment", "fp_unmatched"):
+        assert m[key] == sum(int(r[key]) for r in rows)
+    assert m["fn_missed"] + m["fn_merged"] + m["fn_undercovered"] == m["fn"]
+    assert m["fp_background"] + m["fp_fragment"] + m["fp_unmatched"] == m["fp"]
+    assert f"{m['fn_merged']} merged into a neighbour's object" in table
     assert os.listdir(out / "overlays")
 
     # The same images through --mode=predict: the metric of its written labels is the report's.

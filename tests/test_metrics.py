@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from micronet_jax.metrics import glas_metrics, image_stats, per_image_metrics
+from micronet_jax.metrics import ERROR_KINDS, glas_metrics, image_stats, per_image_metrics
 
 
 def grid(rows: list[str]) -> np.ndarray:
@@ -215,6 +215,30 @@ def test_merge_case_dice() -> None:
     assert (m["tp"], m["fp"], m["fn"]) == (1, 0, 1)
     d = 2 * 4 / (10 + 4)  # both GT objects partner S1
     assert m["dice"] == pytest.approx(0.5 * (d + d))
+
+
+def kinds(s: np.ndarray, g: np.ndarray) -> tuple[int, ...]:
+    m = per_image_metrics(s, g)
+    assert sum(m[k] for k in ERROR_KINDS[:3]) == m["fn"] and sum(m[k] for k in ERROR_KINDS[3:]) == m["fp"]
+    return tuple(m[k] for k in ERROR_KINDS)
+
+
+def test_error_kinds_name_why_each_object_is_wrong() -> None:
+    # (missed, merged, under-covered | FP on background, fragment, over an unmatched gland)
+    assert kinds(EX1_S, EX1_G) == (0, 0, 1, 0, 0, 1)  # S2 covers exactly half of G2: not enough
+    assert kinds(EX2_S, EX2_G) == (0, 0, 0, 0, 1, 0)  # S2 is a piece of the gland S1 matched
+    assert kinds(EX3_S, EX3_G) == (0, 1, 0, 0, 0, 0)  # S1 is G1's TP and also covers half of G2
+    assert kinds(EX4_S, EX4_G) == (1, 0, 0, 1, 0, 0)  # G2 untouched, S2 on background
+    assert kinds(grid(["11223344"] * 2), grid(["11111111"] * 2)) == (0, 0, 1, 0, 0, 4)
+    # A sliver over a gland (under a fifth of it) does not make the gland under-covered.
+    assert kinds(grid(["1........."] * 2), grid(["1111111111"] * 2)) == (1, 0, 0, 0, 0, 1)
+    assert kinds(grid(["...."]), grid([".11."])) == (1, 0, 0, 0, 0, 0)
+    assert kinds(grid([".11."]), grid(["...."])) == (0, 0, 0, 1, 0, 0)
+
+
+def test_error_kinds_pool_by_summation() -> None:
+    pooled = glas_metrics([EX1_S, EX3_S, EX4_S], [EX1_G, EX3_G, EX4_G])
+    assert tuple(pooled[k] for k in ERROR_KINDS) == (1, 1, 1, 1, 0, 1)
 
 
 def test_pixel_scores_pooled() -> None:
