@@ -92,6 +92,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
             f"{config.model.variant} (the network takes exactly that input size)"
         )
     check_normalize(str(config_value(config.data, "normalize", "data")))
+    gap = int(config_value(config.data, "gap_width", "data"))
+    if gap < 0:  # The training source would refuse it too, but only after the data has loaded.
+        raise ValueError(f"config data.gap_width={gap} must be >= 0 (0 leaves the labels untouched)")
     decay = float(config_value(config.train, "ema_decay", "train"))
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"config train.ema_decay={decay} must be in [0, 1) (0 = no average)")

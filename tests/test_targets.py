@@ -84,6 +84,18 @@ def test_widen_gaps_opens_the_sides_that_face_a_neighbour_only():
         targets.widen_gaps(label, -1)
 
 
+def test_negative_gap_width_is_refused_before_training():
+    from micronet_jax.config import base_config
+    from micronet_jax.core import check_config
+
+    c = base_config()
+    c.data.gap_width = -2
+    with pytest.raises(ValueError, match=r"data\.gap_width=-2 must be >= 0"):
+        check_config(c, 1)
+    c.data.gap_width = 2
+    check_config(c, 1)
+
+
 def test_training_source_widens_gaps_from_the_config_key():
     from micronet_jax.config import base_config
     from micronet_jax.data.pipeline import TrainSource
