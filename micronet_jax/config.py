@@ -166,6 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.marker_threshold = 0.5
     c.eval.min_marker_size = 30
     c.eval.marker_sigma = 0.0
+    # data.target="contour" only: > 0 joins objects the watershed split along a border whose mean
+    # p(boundary) is below this (one gland cut where its interior map dips; docs/accuracy.md).
+    c.eval.merge_threshold = 0.0
     # --mode=tune's grid in this many processes; None = one per available core once the grid is
     # large enough to pay for their start-up (on the H200's 16-core host it ran on one core for a
     # third of the speedrun); 1 = in this process.

@@ -102,9 +102,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
 
 
 # eval.* keys and the least each may be (None where the key may be unset); thresholds are also <= 1.
-_EVAL_MINIMA = {"threshold": 0.0, "marker_threshold": 0.0, "opening_radius": 0, "min_size": 0,
-                "border_min_size": 0, "min_marker_size": 0, "split_distance": 0.0, "marker_sigma": 0.0, "margin": 0,
-                "tile_batch": 1, "tune_workers": 1}
+_EVAL_MINIMA = {"threshold": 0.0, "marker_threshold": 0.0, "merge_threshold": 0.0, "opening_radius": 0,
+                "min_size": 0, "border_min_size": 0, "min_marker_size": 0, "split_distance": 0.0,
+                "marker_sigma": 0.0, "margin": 0, "tile_batch": 1, "tune_workers": 1}
 
 
 def check_eval_config(eval_config: ml_collections.ConfigDict) -> None:

@@ -96,7 +96,8 @@ def to_instances(prob: np.ndarray, eval_config) -> np.ndarray:
         return postprocess.contour_to_instances(
             prob, marker_threshold=float(eval_config.marker_threshold),
             min_marker_size=int(eval_config.min_marker_size),
-            marker_sigma=float(eval_config.marker_sigma), **common,
+            marker_sigma=float(eval_config.marker_sigma),
+            merge_threshold=float(eval_config.get("merge_threshold", 0.0)), **common,
         )
     return postprocess.probability_to_instances(
         prob[..., 1], split_distance=float(eval_config.split_distance), **common)
@@ -427,6 +428,7 @@ def tune_checkpoint(
         TUNE_THRESHOLDS, TUNE_MIN_SIZES, TUNE_OPENING_RADII, fill_holes=bool(config.eval.fill_holes),
         marker_thresholds=TUNE_MARKER_THRESHOLDS, min_marker_size=int(config.eval.min_marker_size),
         split_distances=TUNE_SPLIT_DISTANCES, marker_sigma=float(config.eval.marker_sigma),
+        merge_threshold=float(config.eval.get("merge_threshold", 0.0)),
         workers=config.eval.get("tune_workers"), border_min_sizes=TUNE_BORDER_MIN_SIZES,
     )
     os.makedirs(out, exist_ok=True)

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from skimage.morphology import disk, h_maxima
 from skimage.segmentation import watershed
 
@@ -155,12 +157,48 @@ def _marker_surface(prob: np.ndarray, marker_sigma: float) -> np.ndarray:
     return interior
 
 
+def _merge_weak_borders(labels: np.ndarray, boundary: np.ndarray,
+                        merge_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Joins touching objects whose shared border has a mean p(boundary) below ``merge_threshold``.
+
+    Two glands that touch are split by the watershed along the boundary band the model predicts
+    between them; a large gland whose interior map dips is cut as well, but along pixels the model
+    calls interior, not boundary. The mean p(boundary) over the pixel pairs that straddle a border
+    tells the two apart. Returns (labels 0..n, sizes indexed by label); objects that touch nothing or
+    only strong borders keep their pixels.
+    """
+    n = int(labels.max())
+    if merge_threshold <= 0 or n < 2:
+        return labels, np.bincount(labels.ravel(), minlength=n + 1)
+    lo_parts, hi_parts, value_parts = [], [], []
+    for a, b, va, vb in ((labels[:, :-1], labels[:, 1:], boundary[:, :-1], boundary[:, 1:]),
+                         (labels[:-1], labels[1:], boundary[:-1], boundary[1:])):
+        straddle = (a != b) & (a > 0) & (b > 0)
+        lo_parts.append(np.minimum(a[straddle], b[straddle]))
+        hi_parts.append(np.maximum(a[straddle], b[straddle]))
+        value_parts.append(0.5 * (va[straddle].astype(np.float64) + vb[straddle]))
+    lo, hi = np.concatenate(lo_parts).astype(np.int64), np.concatenate(hi_parts).astype(np.int64)
+    if not lo.size:
+        return labels, np.bincount(labels.ravel(), minlength=n + 1)
+    pair = lo * (n + 1) + hi
+    total = np.bincount(pair, weights=np.concatenate(value_parts), minlength=(n + 1) ** 2)
+    count = np.bincount(pair, minlength=(n + 1) ** 2)
+    weak = np.flatnonzero((count > 0) & (total < merge_threshold * count))
+    graph = coo_matrix((np.ones(weak.size), (weak // (n + 1), weak % (n + 1))), shape=(n + 1, n + 1))
+    _, component = connected_components(graph, directed=False)
+    # Background (label 0) has no edges, so it is a component of its own; it goes back to 0.
+    _, lut = np.unique(np.where(component == component[0], -1, component), return_inverse=True)
+    merged = lut.astype(np.int32)[labels]
+    return merged, np.bincount(merged.ravel())
+
+
 def _contour_components(
     prob: np.ndarray, interior: np.ndarray, threshold: float, marker_threshold: float,
-    min_marker_size: int, fill_holes: bool, opening_radius: int,
+    min_marker_size: int, fill_holes: bool, opening_radius: int, merge_threshold: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Marker-controlled watershed of a 3-class map, seeded and flooded on ``interior``
-    (:func:`_marker_surface`); returns (labels, sizes indexed by label)."""
+    (:func:`_marker_surface`), then objects joined across weak borders (:func:`_merge_weak_borders`,
+    when ``merge_threshold`` > 0); returns (labels, sizes indexed by label)."""
     mask = (prob[..., 1] + prob[..., 2]) > threshold
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
@@ -174,7 +212,9 @@ def _contour_components(
         markers[small[markers]] = 0
     # Flood from the seeds over -p(interior): basins meet where the interior probability is lowest,
     # i.e. on the boundary band between touching glands.
-    return _watershed(-interior, markers, mask)
+    labels, sizes = _watershed(-interior, markers, mask)
+    return _merge_weak_borders(labels, prob[..., 2], float(merge_threshold)) if merge_threshold > 0 \
+        else (labels, sizes)
 
 
 def contour_to_instances(
@@ -187,6 +227,7 @@ def contour_to_instances(
     min_size: int = 300,
     marker_sigma: float = 0.0,
     border_min_size: int | None = None,
+    merge_threshold: float = 0.0,
 ) -> np.ndarray:
     """Background/interior/boundary probabilities (H, W, 3) -> int32 instance labels (``data.target=contour``).
 
@@ -196,11 +237,15 @@ def contour_to_instances(
     along their shared boundary band. Objects under ``min_size`` px (``border_min_size`` for those
     touching the image's frame, when given) are then removed. With ``marker_sigma`` > 0, p(interior)
     is first smoothed by a Gaussian of that many px (seeds and watershed surface; the mask is not).
+    With ``merge_threshold`` > 0, objects the watershed split along a border whose mean p(boundary)
+    is below it are joined again before the size filter (:func:`_merge_weak_borders`).
     """
     prob = np.asarray(prob)
+    if not 0.0 <= merge_threshold <= 1.0:
+        raise ValueError(f"merge_threshold must be in [0, 1], got {merge_threshold}")
     labels, sizes = _contour_components(
         prob, _marker_surface(prob, float(marker_sigma)), threshold, marker_threshold,
-        int(min_marker_size), fill_holes, int(opening_radius),
+        int(min_marker_size), fill_holes, int(opening_radius), float(merge_threshold),
     )
     return _size_filter_lut(labels, sizes, int(min_size), border_min_size)[labels]
 
@@ -218,6 +263,7 @@ def tune_postprocess(
     marker_sigma: float = 0.0,
     workers: int | None = 1,
     border_min_sizes: Sequence[int | None] = (None,),
+    merge_threshold: float = 0.0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Grid search of post-processing constants by pooled object F1, ties broken by pooled Object Dice.
 
@@ -226,7 +272,7 @@ def tune_postprocess(
     for foreground maps ``split_distances`` (0 = connected components) is searched instead.
     ``border_min_sizes`` is the least size of objects touching the image's frame (None: ``min_size``,
     as without the key, and reported as that number; see :func:`_keep_by_size`), searched as the
-    innermost axis.
+    innermost axis. ``merge_threshold`` (contour maps) is held fixed, like ``marker_sigma``.
 
     Use validation images only. Returns ``(best, rows)``: ``best`` holds only keyword arguments of
     :func:`probability_to_instances` (so ``probability_to_instances(p, **best)`` reproduces it), and
@@ -269,7 +315,8 @@ def tune_postprocess(
         raise ValueError("marker_thresholds / split_distances must be non-empty")
     rows: list[dict[str, Any]] = []
     points = list(itertools.product(thresholds, opening_radii, third))
-    state = _GridInputs(prob_maps, surfaces, gts, contour, int(min_marker_size), bool(fill_holes))
+    state = _GridInputs(prob_maps, surfaces, gts, contour, int(min_marker_size), bool(fill_holes),
+                        float(merge_threshold))
     for (thr, rad, mthr), per_image in zip(points, _map_grid(state, points, workers)):
         for ms, bms in itertools.product(min_sizes, border_min_sizes):
             tot = dict(tp=0, fp=0, fn=0, s_dice=0.0, s_area=0, g_dice=0.0, g_area=0)
@@ -288,7 +335,7 @@ def tune_postprocess(
                 tot["g_area"] += int(d["g_area"].sum())
             rows.append({
                 **({"marker_threshold": float(mthr), "min_marker_size": int(min_marker_size),
-                    "marker_sigma": float(marker_sigma)}
+                    "marker_sigma": float(marker_sigma), "merge_threshold": float(merge_threshold)}
                    if contour else {"split_distance": float(mthr)}),
                 "threshold": float(thr),
                 "opening_radius": int(rad),
@@ -306,7 +353,8 @@ def tune_postprocess(
             })
     best_row = max(enumerate(rows), key=lambda t: (t[1]["f1"], t[1]["object_dice"], -t[0]))[1]
     keys = ("threshold", "fill_holes", "opening_radius", "min_size", "border_min_size")
-    keys += ("marker_threshold", "min_marker_size", "marker_sigma") if contour else ("split_distance",)
+    keys += ("marker_threshold", "min_marker_size", "marker_sigma", "merge_threshold") if contour \
+        else ("split_distance",)
     best = {k: best_row[k] for k in keys}
     return best, rows
 
@@ -320,6 +368,7 @@ class _GridInputs(NamedTuple):
     contour: bool
     min_marker_size: int
     fill_holes: bool
+    merge_threshold: float = 0.0
 
 
 def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -332,7 +381,7 @@ def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tup
     for p, surface, (g_c, n_g) in zip(state.prob_maps, state.surfaces, state.gts):
         if state.contour:
             labels, sizes = _contour_components(p, surface, thr, third, state.min_marker_size,
-                                                state.fill_holes, int(rad))
+                                                state.fill_holes, int(rad), state.merge_threshold)
         else:
             labels, sizes = _binary_components(p, thr, state.fill_holes, int(rad), third)
         n_c = sizes.size - 1

@@ -158,6 +158,38 @@ def test_marker_sigma_joins_seeds_of_one_noisy_gland_but_still_splits_touching_o
         contour_to_instances(prob, marker_sigma=-1)
 
 
+def test_merge_threshold_rejoins_a_gland_cut_where_no_boundary_is_predicted():
+    prob = np.zeros((50, 60, 3), np.float32)
+    prob[..., 0] = 1
+    prob[5:45, 5:55] = [0.05, 0.9, 0.05]
+    prob[5:45, 27:33] = [0.45, 0.45, 0.1]  # p(interior) dips inside one gland; no boundary there
+    cut = contour_to_instances(prob, min_size=0, min_marker_size=5)
+    assert cut.max() == 2
+    whole = contour_to_instances(prob, min_size=0, min_marker_size=5, merge_threshold=0.3)
+    assert whole.max() == 1 and ((whole == 1) == (cut > 0)).all()  # same pixels, one object
+    # Two glands with the boundary band between them stay apart; so do glands that do not touch.
+    label = two_touching_squares()
+    label[35:45, 40:50] = 3
+    touching = fake_contour_probabilities(label)
+    split = contour_to_instances(touching, min_size=0, min_marker_size=5, merge_threshold=0.3)
+    assert split.max() == 3 and set(np.unique(split)) == {0, 1, 2, 3}
+    # A band predicted at 0.6 is weak at a threshold of 0.7: the pair joins, the separate gland does not.
+    unsure = touching.copy()
+    unsure[..., 0] += 0.4 * unsure[..., 2]
+    unsure[..., 2] *= 0.6
+    assert contour_to_instances(unsure, min_size=0, min_marker_size=5, merge_threshold=0.3).max() == 3
+    joined = contour_to_instances(unsure, min_size=0, min_marker_size=5, merge_threshold=0.7)
+    assert joined.max() == 2 and joined[15, 15] == joined[15, 45] != joined[39, 45] > 0
+    with pytest.raises(ValueError, match="merge_threshold"):
+        contour_to_instances(prob, merge_threshold=1.5)
+    # The tuner holds it fixed and reports it, so its best row reproduces the labels.
+    gt = (cut > 0).astype(np.int32)
+    for merge, f1 in ((0.0, 0.0), (0.3, 1.0)):
+        best, rows = tune_postprocess([prob], [gt], (0.5,), (0,), min_marker_size=5, merge_threshold=merge)
+        assert best["merge_threshold"] == merge and rows[0]["f1"] == f1
+        np.testing.assert_array_equal(contour_to_instances(prob, **best), whole if merge else cut)
+
+
 def test_orphan_mask_regions_without_a_seed_are_kept():
     prob = np.zeros((30, 30, 3), np.float32)
     prob[..., 0] = 1
