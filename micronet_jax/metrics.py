@@ -179,7 +179,7 @@ def _error_kinds(cont: np.ndarray, d: dict[str, Any]) -> dict[str, int]:
     matched = np.zeros(n_g, bool)
     matched[d["s_partner"][is_tp]] = True
     for j in np.flatnonzero(~matched):
-        if not n_s or not d["g_has"][j]:
+        if not d["g_has"][j]:  # no object overlaps it (also when there are no objects)
             out["fn_missed"] += 1
             continue
         i = int(d["g_partner"][j])

@@ -157,7 +157,7 @@ def _marker_surface(prob: np.ndarray, marker_sigma: float) -> np.ndarray:
     return interior
 
 
-def _merge_weak_borders(labels: np.ndarray, boundary: np.ndarray,
+def _merge_weak_borders(labels: np.ndarray, sizes: np.ndarray, boundary: np.ndarray,
                         merge_threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Joins touching objects whose shared border has a mean p(boundary) below ``merge_threshold``.
 
@@ -165,27 +165,24 @@ def _merge_weak_borders(labels: np.ndarray, boundary: np.ndarray,
     between them; a large gland whose interior map dips is cut as well, but along pixels the model
     calls interior, not boundary. The mean p(boundary) over the pixel pairs that straddle a border
     is meant to tell the two apart (on the CPU recipe's models it did not, well enough to gain F1:
-    docs/accuracy.md, sixteenth round). Returns (labels 0..n, sizes indexed by label); objects that touch nothing or
-    only strong borders keep their pixels.
+    docs/accuracy.md, sixteenth round). Takes and returns (labels 0..n, sizes indexed by label),
+    unchanged when no border is weak.
     """
-    n = int(labels.max())
-    if merge_threshold <= 0 or n < 2:
-        return labels, np.bincount(labels.ravel(), minlength=n + 1)
+    n = sizes.size - 1
     lo_parts, hi_parts, value_parts = [], [], []
     for a, b, va, vb in ((labels[:, :-1], labels[:, 1:], boundary[:, :-1], boundary[:, 1:]),
                          (labels[:-1], labels[1:], boundary[:-1], boundary[1:])):
         straddle = (a != b) & (a > 0) & (b > 0)
-        lo_parts.append(np.minimum(a[straddle], b[straddle]))
-        hi_parts.append(np.maximum(a[straddle], b[straddle]))
+        lo_parts.append(np.minimum(a[straddle], b[straddle]).astype(np.int64))
+        hi_parts.append(np.maximum(a[straddle], b[straddle]).astype(np.int64))
         value_parts.append(0.5 * (va[straddle].astype(np.float64) + vb[straddle]))
-    lo, hi = np.concatenate(lo_parts).astype(np.int64), np.concatenate(hi_parts).astype(np.int64)
-    if not lo.size:
-        return labels, np.bincount(labels.ravel(), minlength=n + 1)
     # One entry per touching pair (not an (n+1)^2 table: a noisy map can hold thousands of objects).
-    pairs, which = np.unique(lo * (n + 1) + hi, return_inverse=True)
-    total = np.bincount(which.ravel(), weights=np.concatenate(value_parts))
-    count = np.bincount(which.ravel())
-    weak = pairs[total < merge_threshold * count]
+    pairs, which = np.unique(np.concatenate(lo_parts) * (n + 1) + np.concatenate(hi_parts),
+                             return_inverse=True)
+    total = np.bincount(which.ravel(), weights=np.concatenate(value_parts), minlength=pairs.size)
+    weak = pairs[total < merge_threshold * np.bincount(which.ravel(), minlength=pairs.size)]
+    if not weak.size:
+        return labels, sizes
     graph = coo_matrix((np.ones(weak.size), (weak // (n + 1), weak % (n + 1))), shape=(n + 1, n + 1))
     _, component = connected_components(graph, directed=False)
     # Background (label 0) has no edges, so it is a component of its own; it goes back to 0.
@@ -215,8 +212,9 @@ def _contour_components(
     # Flood from the seeds over -p(interior): basins meet where the interior probability is lowest,
     # i.e. on the boundary band between touching glands.
     labels, sizes = _watershed(-interior, markers, mask)
-    return _merge_weak_borders(labels, prob[..., 2], float(merge_threshold)) if merge_threshold > 0 \
-        else (labels, sizes)
+    if merge_threshold > 0:
+        labels, sizes = _merge_weak_borders(labels, sizes, prob[..., 2], float(merge_threshold))
+    return labels, sizes
 
 
 def contour_to_instances(
