@@ -268,6 +268,7 @@ def test_bad_post_processing_constants_are_refused_before_training():
 
     for key, value, message in [("marker_sigma", -1.0, r"eval.marker_sigma=-1.0 must be >= 0"),
                                 ("threshold", 1.5, r"eval.threshold=1.5 must be in \[0.0, 1.0\]"),
+                                ("merge_threshold", 1.5, r"eval.merge_threshold=1.5 must be in \[0.0, 1.0\]"),
                                 ("min_size", -5, r"eval.min_size=-5 must be >= 0"),
                                 ("border_min_size", -1, r"eval.border_min_size=-1 must be >= 0"),
                                 ("tune_workers", 0, r"eval.tune_workers=0 must be >= 1")]:
