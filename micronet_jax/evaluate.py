@@ -190,11 +190,11 @@ def markdown_table(split: str, summary: dict[str, Any], n_images: int) -> str:
     ]
     if all(k in summary for k in metrics.ERROR_KINDS):
         lines.append(
-            f"FN by kind: {summary['fn_missed']} missed, {summary['fn_merged']} merged into a "
-            f"neighbour's object, {summary['fn_undercovered']} under-covered; FP by kind: "
-            f"{summary['fp_background']} on background, {summary['fp_fragment']} fragments of matched "
-            f"glands, {summary['fp_unmatched']} over unmatched glands (metrics.py: _error_kinds; "
-            "per_image.csv has them by image).")
+            f"FN by kind: missed {summary['fn_missed']}, merged into a neighbour's object "
+            f"{summary['fn_merged']}, under-covered {summary['fn_undercovered']}; FP by kind: on "
+            f"background {summary['fp_background']}, fragment of a matched gland "
+            f"{summary['fp_fragment']}, over an unmatched gland {summary['fp_unmatched']} "
+            "(metrics.py: _error_kinds; per_image.csv has them by image).")
     if summary.get("num_empty_pred"):
         lines.append(f"{summary['num_empty_pred']} image(s) had an empty prediction (Hausdorff +inf).")
     return "\n".join(lines) + "\n"

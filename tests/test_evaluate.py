@@ -44,7 +44,7 @@ def test_evaluate_writes_reports_beside_the_paper(trained, tmp_path):
         assert m[key] == sum(int(r[key]) for r in rows)
     assert m["fn_missed"] + m["fn_merged"] + m["fn_undercovered"] == m["fn"]
     assert m["fp_background"] + m["fp_fragment"] + m["fp_unmatched"] == m["fp"]
-    assert f"{m['fn_merged']} merged into a neighbour's object" in table
+    assert f"merged into a neighbour's object {m['fn_merged']}" in table
     assert os.listdir(out / "overlays")
 
     # The same images through --mode=predict: the metric of its written labels is the report's.
