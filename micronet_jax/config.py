@@ -160,6 +160,10 @@ def base_config() -> ml_collections.ConfigDict:
     # transform seeded by its h-maxima of this height (px at the image's resolution). 0 = the paper's
     # connected components (a deviation when on; docs/accuracy.md).
     c.eval.split_distance = 0.0
+    # Two classes only: > 0 splits glands whose p(gland) dips between them, by a watershed on p(gland)
+    # seeded by its regions above this (of at least min_marker_size px, after marker_sigma's
+    # smoothing, as for the contour target). 0 = off; not with split_distance (docs/accuracy.md).
+    c.eval.split_threshold = 0.0
     # data.target="contour" only: seeds are p(interior) > marker_threshold; the gland mask is
     # p(interior) + p(boundary) > threshold; seeds smaller than min_marker_size px are dropped;
     # marker_sigma > 0 smooths p(interior) by a Gaussian of that many px first (seeds and watershed).

@@ -104,6 +104,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
 # eval.* keys and the least each may be (None where the key may be unset); thresholds are also <= 1.
 _EVAL_MINIMA = {"threshold": 0.0, "marker_threshold": 0.0, "merge_threshold": 0.0, "opening_radius": 0,
                 "min_size": 0, "border_min_size": 0, "min_marker_size": 0, "split_distance": 0.0,
+                "split_threshold": 0.0,
                 "marker_sigma": 0.0, "margin": 0, "tile_batch": 1, "tune_workers": 1}
 
 
@@ -118,6 +119,10 @@ def check_eval_config(eval_config: ml_collections.ConfigDict) -> None:
         if value < least or (high is not None and value > high):
             span = f"in [{least}, {high}]" if high is not None else f">= {least}"
             raise ValueError(f"config eval.{key}={value} must be {span}")
+    if float(eval_config.get("split_distance") or 0) > 0 and float(eval_config.get("split_threshold") or 0) > 0:
+        raise ValueError(f"config eval.split_distance={eval_config.split_distance} and "
+                         f"eval.split_threshold={eval_config.split_threshold}: choose one way to split "
+                         "touching glands (set the other to 0)")
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

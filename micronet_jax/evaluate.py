@@ -82,7 +82,8 @@ def _normalize(config: ml_collections.ConfigDict) -> str:
 def to_instances(prob: np.ndarray, eval_config) -> np.ndarray:
     """Class probabilities -> instance labels with the configured post-processing (spec §5).
 
-    Two classes: threshold p(gland) and connected components. Three (``data.target=contour``):
+    Two classes: threshold p(gland) and connected components (or a watershed: ``eval.split_distance``,
+    ``eval.split_threshold``). Three (``data.target=contour``):
     the marker-controlled watershed of :func:`postprocess.contour_to_instances`.
     """
     common = dict(
@@ -100,7 +101,10 @@ def to_instances(prob: np.ndarray, eval_config) -> np.ndarray:
             merge_threshold=float(eval_config.get("merge_threshold", 0.0)), **common,
         )
     return postprocess.probability_to_instances(
-        prob[..., 1], split_distance=float(eval_config.split_distance), **common)
+        prob[..., 1], split_distance=float(eval_config.split_distance),
+        split_threshold=float(eval_config.get("split_threshold", 0.0)),
+        marker_sigma=float(eval_config.marker_sigma), min_marker_size=int(eval_config.min_marker_size),
+        **common)
 
 
 def evaluate_examples(
@@ -422,13 +426,16 @@ def tune_checkpoint(
         for ex in tqdm(examples, desc="predict", unit="img")
     ]
     # Two classes: tune on p(gland); three: on the whole map, with the watershed's seed threshold.
+    # eval.split_threshold (two classes) is held fixed, and then the neck split is not searched.
+    split_threshold = float(config.eval.get("split_threshold", 0.0))
     probabilities = [p[..., 1] if p.shape[-1] == 2 else p for p in probabilities]
     best, rows = postprocess.tune_postprocess(
         probabilities, [ex.label for ex in examples],
         TUNE_THRESHOLDS, TUNE_MIN_SIZES, TUNE_OPENING_RADII, fill_holes=bool(config.eval.fill_holes),
         marker_thresholds=TUNE_MARKER_THRESHOLDS, min_marker_size=int(config.eval.min_marker_size),
-        split_distances=TUNE_SPLIT_DISTANCES, marker_sigma=float(config.eval.marker_sigma),
-        merge_threshold=float(config.eval.get("merge_threshold", 0.0)),
+        split_distances=(0,) if split_threshold > 0 else TUNE_SPLIT_DISTANCES,
+        marker_sigma=float(config.eval.marker_sigma),
+        merge_threshold=float(config.eval.get("merge_threshold", 0.0)), split_threshold=split_threshold,
         workers=config.eval.get("tune_workers"), border_min_sizes=TUNE_BORDER_MIN_SIZES,
     )
     os.makedirs(out, exist_ok=True)

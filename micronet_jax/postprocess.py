@@ -1,8 +1,9 @@
 """Gland post-processing (spec §5): probability map -> instance label image, and its tuning.
 
 Pipeline: ``p > threshold`` -> fill holes -> optional opening with a disk -> connected components,
-or with ``split_distance`` > 0 a watershed that splits touching glands at their necks -> drop objects
-smaller than ``min_size`` (``border_min_size`` for objects that touch the image's frame, when set).
+or with ``split_distance`` > 0 a watershed that splits touching glands at their necks, or with
+``split_threshold`` > 0 one seeded where p is high -> drop objects smaller than ``min_size``
+(``border_min_size`` for objects that touch the image's frame, when set).
 Components use 8-connectivity throughout (skimage's ``label`` default in 2-D), so size filtering and
 labelling agree on what one object is.
 
@@ -38,7 +39,8 @@ _CONNECTIVITY = np.ones((3, 3), bool)  # 8-connectivity
 
 def _binary_components(
     prob_fg: np.ndarray, threshold: float, fill_holes: bool, opening_radius: int,
-    split_distance: float = 0.0,
+    split_distance: float = 0.0, split_threshold: float = 0.0, surface: np.ndarray | None = None,
+    min_marker_size: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Steps 1-3 and labelling before size filtering; returns (labels, sizes indexed by label).
 
@@ -46,6 +48,11 @@ def _binary_components(
     transform seeded by its h-maxima of that height (px): two glands joined by a neck narrower than
     their bodies by at least that much become two objects. A two-class output cannot mark the border
     between touching glands, but their union is usually pinched there.
+
+    ``split_threshold`` > 0 replaces them by a watershed on p(gland) instead (``surface``: p, maybe
+    smoothed, see :func:`_smoothed`), seeded by its regions above that threshold of at least
+    ``min_marker_size`` px: two glands whose probability dips between them, without falling below
+    ``threshold``, become two objects. The weight map trains exactly such a dip at the gaps.
     """
     prob = np.asarray(prob_fg)
     if prob.ndim != 2:
@@ -54,6 +61,11 @@ def _binary_components(
         raise ValueError(f"opening_radius must be >= 0, got {opening_radius}")
     if split_distance < 0:
         raise ValueError(f"split_distance must be >= 0, got {split_distance}")
+    if not 0.0 <= split_threshold <= 1.0:
+        raise ValueError(f"split_threshold must be in [0, 1], got {split_threshold}")
+    if split_distance > 0 and split_threshold > 0:
+        raise ValueError(f"split_distance={split_distance} and split_threshold={split_threshold}: "
+                         "choose one way to split touching glands (the other 0)")
     mask = prob > threshold  # strict, so 0.5 equals argmax of a 2-class softmax (ties -> background)
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
@@ -63,6 +75,9 @@ def _binary_components(
         distance = ndimage.distance_transform_edt(mask)
         markers, _ = ndimage.label(h_maxima(distance, float(split_distance)), structure=_CONNECTIVITY)
         return _watershed(-distance, markers, mask)
+    if split_threshold > 0 and mask.any():
+        return _seeded_watershed(prob if surface is None else surface, mask, float(split_threshold),
+                                 int(min_marker_size))
     labels, n = ndimage.label(mask, structure=_CONNECTIVITY)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     return labels, sizes
@@ -81,6 +96,20 @@ def _watershed(surface: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> tu
     _, labels = np.unique(labels, return_inverse=True)
     labels = labels.reshape(mask.shape).astype(np.int32)
     return labels, np.bincount(labels.ravel())
+
+
+def _seeded_watershed(surface: np.ndarray, mask: np.ndarray, marker_threshold: float,
+                      min_marker_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds are the connected regions of ``surface`` > ``marker_threshold`` inside ``mask`` with at
+    least ``min_marker_size`` px; each grows over the mask on -``surface``, so basins meet where the
+    surface is lowest (between touching glands). Returns (labels, sizes indexed by label)."""
+    seeds = (surface > marker_threshold) & mask
+    markers, n = ndimage.label(seeds, structure=_CONNECTIVITY)
+    if n and min_marker_size > 0:
+        small = np.bincount(markers.ravel(), minlength=n + 1) < min_marker_size
+        small[0] = False
+        markers[small[markers]] = 0
+    return _watershed(-surface, markers, mask)
 
 
 def _frame_touching(labels: np.ndarray, n_labels: int) -> np.ndarray:
@@ -129,14 +158,20 @@ def probability_to_instances(
     min_size: int = 300,
     split_distance: float = 0.0,
     border_min_size: int | None = None,
+    split_threshold: float = 0.0,
+    marker_sigma: float = 0.0,
+    min_marker_size: int = 0,
 ) -> np.ndarray:
     """Foreground probability (H, W) -> int32 instance labels 1..n (0 = background).
 
     Objects with fewer than ``min_size`` pixels are removed (size counted after fill/opening and the
-    optional ``split_distance`` watershed, see :func:`_binary_components`); objects that touch the
-    image's frame are removed below ``border_min_size`` instead, when it is given.
+    optional ``split_distance`` or ``split_threshold`` watershed, see :func:`_binary_components`;
+    ``marker_sigma`` and ``min_marker_size`` shape the latter's seeds as for the contour target);
+    objects that touch the image's frame are removed below ``border_min_size`` instead, when given.
     """
-    labels, sizes = _binary_components(prob_fg, threshold, fill_holes, opening_radius, float(split_distance))
+    surface = _smoothed(np.asarray(prob_fg), float(marker_sigma)) if split_threshold > 0 else None
+    labels, sizes = _binary_components(prob_fg, threshold, fill_holes, opening_radius, float(split_distance),
+                                       float(split_threshold), surface, int(min_marker_size))
     return _size_filter_lut(labels, sizes, int(min_size), border_min_size)[labels]
 
 
@@ -149,12 +184,14 @@ def _marker_surface(prob: np.ndarray, marker_sigma: float) -> np.ndarray:
     """
     if prob.ndim != 3 or prob.shape[-1] != 3:
         raise ValueError(f"need (H, W, 3) background/interior/boundary probabilities, got {prob.shape}")
-    if marker_sigma < 0:
-        raise ValueError(f"marker_sigma must be >= 0, got {marker_sigma}")
-    interior = prob[..., 1]
-    if marker_sigma > 0:
-        interior = ndimage.gaussian_filter(interior.astype(np.float32), float(marker_sigma))
-    return interior
+    return _smoothed(prob[..., 1], marker_sigma)
+
+
+def _smoothed(prob: np.ndarray, sigma: float) -> np.ndarray:
+    """``prob`` Gaussian-smoothed by ``sigma`` px (unchanged at 0): the watershed's seeds and surface."""
+    if sigma < 0:
+        raise ValueError(f"marker_sigma must be >= 0, got {sigma}")
+    return ndimage.gaussian_filter(prob.astype(np.float32), float(sigma)) if sigma > 0 else prob
 
 
 def _merge_weak_borders(labels: np.ndarray, sizes: np.ndarray, boundary: np.ndarray,
@@ -203,15 +240,9 @@ def _contour_components(
         mask = ndimage.binary_fill_holes(mask)
     if opening_radius > 0:
         mask = ndimage.binary_opening(mask, structure=disk(int(opening_radius)).astype(bool))
-    seeds = (interior > marker_threshold) & mask
-    markers, n = ndimage.label(seeds, structure=_CONNECTIVITY)
-    if n and min_marker_size > 0:
-        small = np.bincount(markers.ravel(), minlength=n + 1) < min_marker_size
-        small[0] = False
-        markers[small[markers]] = 0
     # Flood from the seeds over -p(interior): basins meet where the interior probability is lowest,
     # i.e. on the boundary band between touching glands.
-    labels, sizes = _watershed(-interior, markers, mask)
+    labels, sizes = _seeded_watershed(interior, mask, marker_threshold, min_marker_size)
     if merge_threshold > 0:
         labels, sizes = _merge_weak_borders(labels, sizes, prob[..., 2], float(merge_threshold))
     return labels, sizes
@@ -264,6 +295,7 @@ def tune_postprocess(
     workers: int | None = 1,
     border_min_sizes: Sequence[int | None] = (None,),
     merge_threshold: float = 0.0,
+    split_threshold: float = 0.0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Grid search of post-processing constants by pooled object F1, ties broken by pooled Object Dice.
 
@@ -272,7 +304,9 @@ def tune_postprocess(
     for foreground maps ``split_distances`` (0 = connected components) is searched instead.
     ``border_min_sizes`` is the least size of objects touching the image's frame (None: ``min_size``,
     as without the key, and reported as that number; see :func:`_keep_by_size`), searched as the
-    innermost axis. ``merge_threshold`` (contour maps) is held fixed, like ``marker_sigma``.
+    innermost axis. ``merge_threshold`` (contour maps) is held fixed, like ``marker_sigma``; so is
+    ``split_threshold`` (foreground maps; > 0 needs ``split_distances`` of 0 only), with
+    ``marker_sigma`` and ``min_marker_size`` for its seeds.
 
     Use validation images only. Returns ``(best, rows)``: ``best`` holds only keyword arguments of
     :func:`probability_to_instances` (so ``probability_to_instances(p, **best)`` reproduces it), and
@@ -304,9 +338,16 @@ def tune_postprocess(
         gts.append((g_c, int(g_c.max()) if g_c.size else 0))
 
     contour = np.ndim(prob_maps[0]) == 3
+    seeded = not contour and split_threshold > 0
+    if seeded and any(float(d) > 0 for d in split_distances):
+        raise ValueError(f"split_threshold={split_threshold} needs split_distances=(0,), got "
+                         f"{tuple(split_distances)}: one way to split touching glands at a time")
     if contour:
         prob_maps = [np.asarray(p) for p in prob_maps]
         surfaces = [_marker_surface(p, float(marker_sigma)) for p in prob_maps]
+    elif seeded:
+        prob_maps = [np.asarray(p) for p in prob_maps]
+        surfaces = [_smoothed(p, float(marker_sigma)) for p in prob_maps]
     else:
         surfaces = [None] * len(prob_maps)
     # The third axis of the grid: the watershed's seed threshold (contour) or the neck split (binary).
@@ -316,7 +357,7 @@ def tune_postprocess(
     rows: list[dict[str, Any]] = []
     points = list(itertools.product(thresholds, opening_radii, third))
     state = _GridInputs(prob_maps, surfaces, gts, contour, int(min_marker_size), bool(fill_holes),
-                        float(merge_threshold))
+                        float(merge_threshold), float(split_threshold))
     for (thr, rad, mthr), per_image in zip(points, _map_grid(state, points, workers)):
         for ms, bms in itertools.product(min_sizes, border_min_sizes):
             tot = dict(tp=0, fp=0, fn=0, s_dice=0.0, s_area=0, g_dice=0.0, g_area=0)
@@ -336,7 +377,9 @@ def tune_postprocess(
             rows.append({
                 **({"marker_threshold": float(mthr), "min_marker_size": int(min_marker_size),
                     "marker_sigma": float(marker_sigma), "merge_threshold": float(merge_threshold)}
-                   if contour else {"split_distance": float(mthr)}),
+                   if contour else {"split_distance": float(mthr), "split_threshold": float(split_threshold),
+                                    **({"min_marker_size": int(min_marker_size),
+                                        "marker_sigma": float(marker_sigma)} if seeded else {})}),
                 "threshold": float(thr),
                 "opening_radius": int(rad),
                 "min_size": int(ms),
@@ -354,7 +397,7 @@ def tune_postprocess(
     best_row = max(enumerate(rows), key=lambda t: (t[1]["f1"], t[1]["object_dice"], -t[0]))[1]
     keys = ("threshold", "fill_holes", "opening_radius", "min_size", "border_min_size")
     keys += ("marker_threshold", "min_marker_size", "marker_sigma", "merge_threshold") if contour \
-        else ("split_distance",)
+        else ("split_distance", "split_threshold") + (("min_marker_size", "marker_sigma") if seeded else ())
     best = {k: best_row[k] for k in keys}
     return best, rows
 
@@ -363,12 +406,13 @@ class _GridInputs(NamedTuple):
     """What every grid point of :func:`tune_postprocess` reads; sent once to each worker process."""
 
     prob_maps: list  # (H, W) foreground or (H, W, 3) contour maps
-    surfaces: list  # per image: the smoothed p(interior) (contour) or None
+    surfaces: list  # per image: the smoothed p(interior) (contour), p(gland) (split_threshold) or None
     gts: list  # per image: (compact GT labels, number of GT objects)
     contour: bool
     min_marker_size: int
     fill_holes: bool
     merge_threshold: float = 0.0
+    split_threshold: float = 0.0
 
 
 def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -383,7 +427,8 @@ def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tup
             labels, sizes = _contour_components(p, surface, thr, third, state.min_marker_size,
                                                 state.fill_holes, int(rad), state.merge_threshold)
         else:
-            labels, sizes = _binary_components(p, thr, state.fill_holes, int(rad), third)
+            labels, sizes = _binary_components(p, thr, state.fill_holes, int(rad), third,
+                                               state.split_threshold, surface, state.min_marker_size)
         n_c = sizes.size - 1
         idx = labels.ravel().astype(np.intp) * (n_g + 1) + g_c.ravel()
         cont = np.bincount(idx, minlength=(n_c + 1) * (n_g + 1)).reshape(n_c + 1, n_g + 1)

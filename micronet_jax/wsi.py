@@ -177,6 +177,9 @@ def predict_slide(
     if float(ev.split_distance) > 0:
         raise DataError(f"config eval.split_distance={ev.split_distance}: whole slides are labelled by "
                         "connected components stitched across regions; pass --config.eval.split_distance=0")
+    if float(ev.get("split_threshold", 0.0)) > 0:
+        raise DataError(f"config eval.split_threshold={ev.split_threshold}: whole slides are labelled by "
+                        "connected components stitched across regions; pass --config.eval.split_threshold=0")
     if str(ev.stitch) != "center":
         raise DataError(f"config eval.stitch={ev.stitch!r}: whole slides are stitched with 'center' only "
                         "(each pixel from one tile, so regions need no overlap)")

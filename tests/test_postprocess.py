@@ -179,6 +179,53 @@ def test_tune_postprocess_searches_split_distance() -> None:
     assert best["split_distance"] == 3.0 and probability_to_instances(p, **best).max() == 2
 
 
+def _two_glands_with_a_dip() -> tuple[np.ndarray, np.ndarray]:
+    """Two 20x30 glands side by side, p = 0.95, touching along a 4-px band where p dips to 0.6: above
+    the 0.5 threshold, so connected components merge them, though the model saw the gap."""
+    p = np.zeros((40, 80), np.float32)
+    p[10:30, 8:72] = 0.95
+    p[10:30, 38:42] = 0.6
+    gt = np.zeros((40, 80), np.int32)
+    gt[10:30, 8:40] = 1
+    gt[10:30, 40:72] = 2
+    return p, gt
+
+
+def test_split_threshold_separates_glands_where_their_probability_dips() -> None:
+    p, gt = _two_glands_with_a_dip()
+    assert probability_to_instances(p, min_size=0).max() == 1  # connected components merge them
+    lab = probability_to_instances(p, min_size=0, split_threshold=0.8)
+    assert lab.max() == 2 and (lab > 0).sum() == (p > 0.5).sum()  # split at the dip, nothing lost
+    assert glas_metrics([lab], [gt])["f1"] == 1.0
+    # Seeds above the dip's level join: one object again. Seeds smaller than min_marker_size are
+    # dropped, and a gland left without one stays an object (not lost to the background).
+    assert probability_to_instances(p, min_size=0, split_threshold=0.5).max() == 1
+    q = p.copy()
+    q[12:14, 10:12] = q[12:14, 60:62] = 0.99  # a 4-px peak in each gland: the seeds at 0.97
+    assert probability_to_instances(q, min_size=0, split_threshold=0.97).max() == 2
+    unseeded = probability_to_instances(q, min_size=0, split_threshold=0.97, min_marker_size=5)
+    assert unseeded.max() == 1 and (unseeded > 0).sum() == (q > 0.5).sum()
+    # Smoothing merges a narrow dip into its neighbours: a 4-px band at sigma 4 no longer splits.
+    assert probability_to_instances(p, min_size=0, split_threshold=0.8, marker_sigma=4).max() == 1
+    with pytest.raises(ValueError, match="split_threshold"):
+        probability_to_instances(p, split_threshold=1.5)
+    with pytest.raises(ValueError, match="choose one way"):
+        probability_to_instances(p, split_threshold=0.8, split_distance=3)
+
+
+def test_tune_postprocess_holds_split_threshold_fixed() -> None:
+    p, gt = _two_glands_with_a_dip()
+    for split, tp in ((0.0, 1), (0.8, 2)):
+        best, rows = tune_postprocess([p], [gt], thresholds=(0.5,), min_sizes=(0,), split_threshold=split,
+                                      min_marker_size=5)
+        assert best["split_threshold"] == split and rows[0]["tp"] == tp
+        np.testing.assert_array_equal(probability_to_instances(p, **best),
+                                      probability_to_instances(p, min_size=0, split_threshold=split,
+                                                               min_marker_size=5))
+    with pytest.raises(ValueError, match="split_distances"):
+        tune_postprocess([p], [gt], (0.5,), (0,), split_threshold=0.8, split_distances=(0, 3))
+
+
 def test_tune_postprocess_in_worker_processes_gives_the_same_rows(caplog, monkeypatch) -> None:
     # The grid in 2 spawned processes (what a 16-core GPU host does by default) against in-process,
     # for the binary grid with the neck split and for the contour grid. pytest's own entry script

@@ -219,6 +219,9 @@ def test_bad_slides_are_one_clear_error(tmp_path):
     config.eval.split_distance = 12.0
     with pytest.raises(DataError, match=r"eval.split_distance=12.0: .*--config.eval.split_distance=0"):
         wsi.predict_slide(config, lambda x: x, nompp, tmp_path / "o", tile=508, progress=False)
+    config.eval.split_distance, config.eval.split_threshold = 0.0, 0.8
+    with pytest.raises(DataError, match=r"eval.split_threshold=0.8: .*--config.eval.split_threshold=0"):
+        wsi.predict_slide(config, lambda x: x, nompp, tmp_path / "o", tile=508, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -271,9 +271,14 @@ def test_bad_post_processing_constants_are_refused_before_training():
                                 ("merge_threshold", 1.5, r"eval.merge_threshold=1.5 must be in \[0.0, 1.0\]"),
                                 ("min_size", -5, r"eval.min_size=-5 must be >= 0"),
                                 ("border_min_size", -1, r"eval.border_min_size=-1 must be >= 0"),
+                                ("split_threshold", -0.1, r"eval.split_threshold=-0.1 must be in \[0.0, 1.0\]"),
                                 ("tune_workers", 0, r"eval.tune_workers=0 must be >= 1")]:
         c = base_config()
         c.eval[key] = value
         with pytest.raises(ValueError, match=message):
             check_config(c, 1)
     check_config(base_config(), 1)
+    c = base_config()
+    c.eval.split_distance, c.eval.split_threshold = 12.0, 0.8  # two ways to split at once
+    with pytest.raises(ValueError, match=r"eval.split_distance=12.0 and eval.split_threshold=0.8"):
+        check_config(c, 1)
