@@ -140,6 +140,9 @@ def test_glas_cpu_default_is_the_252_recipe_and_keeps_the_508_one():
     assert core.total_steps(contour) == core.total_steps(c) and c.eval.marker_sigma == 0.0
     # The tenth round's frame minimum is on the two-class default only, as measured.
     assert (c.eval.border_min_size, contour.eval.border_min_size, old.eval.border_min_size) == (1000, None, None)
+    # The seventeenth round's split of merged glands is on the two-class default only.
+    assert (c.eval.split_threshold, c.eval.min_marker_size) == (0.7, 8000)
+    assert contour.eval.split_threshold == old.eval.split_threshold == 0.0
     with pytest.raises(ValueError, match="':508' or ':contour'"):
         load_config("glas_cpu", "fast")
 
