@@ -164,9 +164,10 @@ def base_config() -> ml_collections.ConfigDict:
     # seeded by its regions above this (of at least min_marker_size px, after marker_sigma's
     # smoothing, as for the contour target). 0 = off; not with split_distance (docs/accuracy.md).
     c.eval.split_threshold = 0.0
-    # data.target="contour" only: seeds are p(interior) > marker_threshold; the gland mask is
+    # data.target="contour": seeds are p(interior) > marker_threshold; the gland mask is
     # p(interior) + p(boundary) > threshold; seeds smaller than min_marker_size px are dropped;
     # marker_sigma > 0 smooths p(interior) by a Gaussian of that many px first (seeds and watershed).
+    # min_marker_size and marker_sigma shape split_threshold's seeds (on p(gland)) the same way.
     c.eval.marker_threshold = 0.5
     c.eval.min_marker_size = 30
     c.eval.marker_sigma = 0.0
