@@ -174,12 +174,10 @@ def predict_slide(
     if float(config.data.scale) != 1.0:
         raise DataError(f"config data.scale={config.data.scale}: for slides, give the resolution the "
                         "model was trained at as eval.mpp (e.g. 0.62 / data.scale) and leave data.scale=1")
-    if float(ev.split_distance) > 0:
-        raise DataError(f"config eval.split_distance={ev.split_distance}: whole slides are labelled by "
-                        "connected components stitched across regions; pass --config.eval.split_distance=0")
-    if float(ev.get("split_threshold", 0.0)) > 0:
-        raise DataError(f"config eval.split_threshold={ev.split_threshold}: whole slides are labelled by "
-                        "connected components stitched across regions; pass --config.eval.split_threshold=0")
+    for key in ("split_distance", "split_threshold"):  # the per-image watershed splits
+        if float(ev.get(key, 0.0)) > 0:
+            raise DataError(f"config eval.{key}={ev[key]}: whole slides are labelled by connected "
+                            f"components stitched across regions; pass --config.eval.{key}=0")
     if str(ev.stitch) != "center":
         raise DataError(f"config eval.stitch={ev.stitch!r}: whole slides are stitched with 'center' only "
                         "(each pixel from one tile, so regions need no overlap)")
