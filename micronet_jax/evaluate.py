@@ -393,6 +393,10 @@ TUNE_MIN_SIZES = (0, 50, 100, 200, 300, 500, 800, 1200, 2000, 3000)
 TUNE_OPENING_RADII = (0, 2, 3)
 TUNE_MARKER_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)  # data.target=contour only
 TUNE_SPLIT_DISTANCES = (0, 12, 24)  # two classes only (0 = connected components)
+# Two classes with eval.split_threshold > 0 (searched instead of the neck split, with the config's own
+# value added): the watershed's seeds on p(gland); 0 = connected components, so the tuner also says
+# whether the split helps on these images at all.
+TUNE_SPLIT_THRESHOLDS = (0.0, 0.6, 0.7, 0.8, 0.9)
 TUNE_BORDER_MIN_SIZES = (None, 300, 1000)  # objects touching the image's frame (None = min_size)
 
 
@@ -426,8 +430,10 @@ def tune_checkpoint(
         for ex in tqdm(examples, desc="predict", unit="img")
     ]
     # Two classes: tune on p(gland); three: on the whole map, with the watershed's seed threshold.
-    # eval.split_threshold (two classes) is held fixed, and then the neck split is not searched.
+    # With eval.split_threshold > 0 (two classes) its seeds' threshold is searched instead of the
+    # neck split; their least size and smoothing are held at the config's values.
     split_threshold = float(config.eval.get("split_threshold", 0.0))
+    split_thresholds = tuple(sorted({*TUNE_SPLIT_THRESHOLDS, split_threshold})) if split_threshold > 0 else (0.0,)
     probabilities = [p[..., 1] if p.shape[-1] == 2 else p for p in probabilities]
     best, rows = postprocess.tune_postprocess(
         probabilities, [ex.label for ex in examples],
@@ -435,7 +441,7 @@ def tune_checkpoint(
         marker_thresholds=TUNE_MARKER_THRESHOLDS, min_marker_size=int(config.eval.min_marker_size),
         split_distances=(0,) if split_threshold > 0 else TUNE_SPLIT_DISTANCES,
         marker_sigma=float(config.eval.marker_sigma),
-        merge_threshold=float(config.eval.get("merge_threshold", 0.0)), split_threshold=split_threshold,
+        merge_threshold=float(config.eval.get("merge_threshold", 0.0)), split_thresholds=split_thresholds,
         workers=config.eval.get("tune_workers"), border_min_sizes=TUNE_BORDER_MIN_SIZES,
     )
     os.makedirs(out, exist_ok=True)

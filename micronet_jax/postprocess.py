@@ -295,23 +295,25 @@ def tune_postprocess(
     workers: int | None = 1,
     border_min_sizes: Sequence[int | None] = (None,),
     merge_threshold: float = 0.0,
-    split_threshold: float = 0.0,
+    split_thresholds: Sequence[float] = (0.0,),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Grid search of post-processing constants by pooled object F1, ties broken by pooled Object Dice.
 
     ``prob_maps`` are either foreground maps (H, W) for :func:`probability_to_instances`, or 3-class
     maps (H, W, 3) for :func:`contour_to_instances`, where ``marker_thresholds`` is searched too;
-    for foreground maps ``split_distances`` (0 = connected components) is searched instead.
+    for foreground maps the third axis is ``split_distances`` (0 = connected components), or
+    ``split_thresholds`` when any of them is > 0 (0 = connected components again; then
+    ``split_distances`` must be 0 only: one way to split touching glands at a time).
     ``border_min_sizes`` is the least size of objects touching the image's frame (None: ``min_size``,
     as without the key, and reported as that number; see :func:`_keep_by_size`), searched as the
-    innermost axis. ``merge_threshold`` (contour maps) is held fixed, like ``marker_sigma``; so is
-    ``split_threshold`` (foreground maps; > 0 needs ``split_distances`` of 0 only), with
-    ``marker_sigma`` and ``min_marker_size`` for its seeds.
+    innermost axis. ``merge_threshold`` (contour maps) is held fixed, like ``marker_sigma`` and
+    ``min_marker_size`` (the seeds' smoothing and least size, for contour maps and split thresholds).
 
     Use validation images only. Returns ``(best, rows)``: ``best`` holds only keyword arguments of
     :func:`probability_to_instances` (so ``probability_to_instances(p, **best)`` reproduces it), and
     ``rows`` has one dict per grid point (params + ``f1, object_dice, tp, fp, fn``) in grid order
-    (threshold, opening_radius, marker_threshold or split_distance, min_size, border_min_size).
+    (threshold, opening_radius, marker_threshold / split_distance / split_threshold, min_size,
+    border_min_size).
     Remaining ties keep the first grid point. Hausdorff is not computed here: it does not enter the
     selection and is the expensive part.
 
@@ -338,9 +340,11 @@ def tune_postprocess(
         gts.append((g_c, int(g_c.max()) if g_c.size else 0))
 
     contour = np.ndim(prob_maps[0]) == 3
-    seeded = not contour and split_threshold > 0
+    if any(not 0.0 <= float(t) <= 1.0 for t in split_thresholds):
+        raise ValueError(f"split_thresholds must be in [0, 1], got {tuple(split_thresholds)}")
+    seeded = not contour and any(float(t) > 0 for t in split_thresholds)
     if seeded and any(float(d) > 0 for d in split_distances):
-        raise ValueError(f"split_threshold={split_threshold} needs split_distances=(0,), got "
+        raise ValueError(f"split_thresholds={tuple(split_thresholds)} need split_distances=(0,), got "
                          f"{tuple(split_distances)}: one way to split touching glands at a time")
     if contour:
         prob_maps = [np.asarray(p) for p in prob_maps]
@@ -350,14 +354,16 @@ def tune_postprocess(
         surfaces = [_smoothed(p, float(marker_sigma)) for p in prob_maps]
     else:
         surfaces = [None] * len(prob_maps)
-    # The third axis of the grid: the watershed's seed threshold (contour) or the neck split (binary).
-    third = tuple(marker_thresholds) if contour else tuple(float(d) for d in split_distances)
+    # The third axis of the grid: the watershed's seed threshold (contour), or for two classes the
+    # seed threshold on p(gland) (seeded) or the neck split.
+    third = (tuple(marker_thresholds) if contour else tuple(float(t) for t in split_thresholds) if seeded
+             else tuple(float(d) for d in split_distances))
     if not third:
         raise ValueError("marker_thresholds / split_distances must be non-empty")
     rows: list[dict[str, Any]] = []
     points = list(itertools.product(thresholds, opening_radii, third))
     state = _GridInputs(prob_maps, surfaces, gts, contour, int(min_marker_size), bool(fill_holes),
-                        float(merge_threshold), float(split_threshold))
+                        float(merge_threshold), seeded)
     for (thr, rad, mthr), per_image in zip(points, _map_grid(state, points, workers)):
         for ms, bms in itertools.product(min_sizes, border_min_sizes):
             tot = dict(tp=0, fp=0, fn=0, s_dice=0.0, s_area=0, g_dice=0.0, g_area=0)
@@ -377,7 +383,8 @@ def tune_postprocess(
             rows.append({
                 **({"marker_threshold": float(mthr), "min_marker_size": int(min_marker_size),
                     "marker_sigma": float(marker_sigma), "merge_threshold": float(merge_threshold)}
-                   if contour else {"split_distance": float(mthr), "split_threshold": float(split_threshold),
+                   if contour else {"split_distance": 0.0 if seeded else float(mthr),
+                                    "split_threshold": float(mthr) if seeded else 0.0,
                                     **({"min_marker_size": int(min_marker_size),
                                         "marker_sigma": float(marker_sigma)} if seeded else {})}),
                 "threshold": float(thr),
@@ -406,13 +413,13 @@ class _GridInputs(NamedTuple):
     """What every grid point of :func:`tune_postprocess` reads; sent once to each worker process."""
 
     prob_maps: list  # (H, W) foreground or (H, W, 3) contour maps
-    surfaces: list  # per image: the smoothed p(interior) (contour), p(gland) (split_threshold) or None
+    surfaces: list  # per image: the smoothed p(interior) (contour), p(gland) (seeded) or None
     gts: list  # per image: (compact GT labels, number of GT objects)
     contour: bool
     min_marker_size: int
     fill_holes: bool
     merge_threshold: float = 0.0
-    split_threshold: float = 0.0
+    seeded: bool = False  # two classes: the third axis is split_threshold, not split_distance
 
 
 def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -427,8 +434,9 @@ def _grid_point(state: _GridInputs, point: tuple[float, int, float]) -> list[tup
             labels, sizes = _contour_components(p, surface, thr, third, state.min_marker_size,
                                                 state.fill_holes, int(rad), state.merge_threshold)
         else:
-            labels, sizes = _binary_components(p, thr, state.fill_holes, int(rad), third,
-                                               state.split_threshold, surface, state.min_marker_size)
+            distance, split = (0.0, third) if state.seeded else (third, 0.0)
+            labels, sizes = _binary_components(p, thr, state.fill_holes, int(rad), distance, split,
+                                               surface, state.min_marker_size)
         n_c = sizes.size - 1
         idx = labels.ravel().astype(np.intp) * (n_g + 1) + g_c.ravel()
         cont = np.bincount(idx, minlength=(n_c + 1) * (n_g + 1)).reshape(n_c + 1, n_g + 1)

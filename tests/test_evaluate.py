@@ -127,6 +127,18 @@ def test_tune_on_validation_and_refuse_test_splits(trained, tmp_path):
     assert refused.returncode == 2 and "validation split only" in refused.stderr
 
 
+def test_tune_searches_the_seeded_split_when_the_config_uses_it(trained, tmp_path):
+    """With eval.split_threshold > 0 the tuner's third axis is its seed threshold (the config's own
+    value among them, 0 = connected components), not the neck split."""
+    config = load_config("default", "tiny")
+    config.eval.split_threshold, config.eval.min_marker_size, config.eval.max_images = 0.75, 40, 1
+    rows = evaluate.tune_checkpoint(config, str(trained), str(tmp_path / "tune"))["rows"]
+    assert {r["split_threshold"] for r in rows} == {*evaluate.TUNE_SPLIT_THRESHOLDS, 0.75}
+    assert {r["split_distance"] for r in rows} == {0.0} and {r["min_marker_size"] for r in rows} == {40}
+    best = json.load(open(tmp_path / "tune" / "best.json"))["params"]
+    assert best["split_threshold"] in evaluate.TUNE_SPLIT_THRESHOLDS + (0.75,)
+
+
 def test_summary_mode_end_to_end():
     """--mode=summary prints the layer table and the parameter count of the real model, with no
     weights allocated and no traceback."""

@@ -213,22 +213,27 @@ def test_split_threshold_separates_glands_where_their_probability_dips() -> None
         probability_to_instances(p, split_threshold=0.8, split_distance=3)
 
 
-def test_tune_postprocess_holds_split_threshold_fixed() -> None:
+def test_tune_postprocess_searches_split_thresholds() -> None:
+    # 0 (connected components) merges the two glands; 0.8 seeds each above the dip; 0.5 seeds the
+    # whole mask as one. The tuner searches them as its third axis and its best row reproduces.
     p, gt = _two_glands_with_a_dip()
-    for split, tp in ((0.0, 1), (0.8, 2)):
-        best, rows = tune_postprocess([p], [gt], thresholds=(0.5,), min_sizes=(0,), split_threshold=split,
-                                      min_marker_size=5)
-        assert best["split_threshold"] == split and rows[0]["tp"] == tp
-        np.testing.assert_array_equal(probability_to_instances(p, **best),
-                                      probability_to_instances(p, min_size=0, split_threshold=split,
-                                                               min_marker_size=5))
+    best, rows = tune_postprocess([p], [gt], thresholds=(0.5,), min_sizes=(0,),
+                                  split_thresholds=(0.0, 0.5, 0.8), min_marker_size=5)
+    assert [(r["split_threshold"], r["split_distance"], r["tp"]) for r in rows] == \
+        [(0.0, 0.0, 1), (0.5, 0.0, 1), (0.8, 0.0, 2)]
+    assert best["split_threshold"] == 0.8 and best["min_marker_size"] == 5
+    np.testing.assert_array_equal(probability_to_instances(p, **best),
+                                  probability_to_instances(p, min_size=0, split_threshold=0.8,
+                                                           min_marker_size=5))
     with pytest.raises(ValueError, match="split_distances"):
-        tune_postprocess([p], [gt], (0.5,), (0,), split_threshold=0.8, split_distances=(0, 3))
+        tune_postprocess([p], [gt], (0.5,), (0,), split_thresholds=(0.8,), split_distances=(0, 3))
+    with pytest.raises(ValueError, match="split_thresholds must be in"):
+        tune_postprocess([p], [gt], (0.5,), (0,), split_thresholds=(1.2,))
 
 
 def test_tune_postprocess_in_worker_processes_gives_the_same_rows(caplog, monkeypatch) -> None:
     # The grid in 2 spawned processes (what a 16-core GPU host does by default) against in-process,
-    # for the binary grid with the neck split and for the contour grid. pytest's own entry script
+    # for the binary grid with the neck split, with the seeded split and for the contour grid. pytest's own entry script
     # is guarded, so its workers may re-import it even when it is started as a plain script.
     import micronet_jax.postprocess as pp
 
@@ -237,6 +242,8 @@ def test_tune_postprocess_in_worker_processes_gives_the_same_rows(caplog, monkey
     p, gt = _two_touching_discs()
     probs = [np.clip(p + rng.normal(0, 0.15, p.shape), 0, 1).astype(np.float32) for _ in range(3)]
     kw = dict(thresholds=(0.3, 0.5, 0.7), min_sizes=(0, 20), opening_radii=(0, 2), split_distances=(0, 3))
+    assert tune_postprocess(probs, [gt] * 3, workers=2, **kw) == tune_postprocess(probs, [gt] * 3, **kw)
+    kw = dict(thresholds=(0.3, 0.5), min_sizes=(0, 20), split_thresholds=(0.0, 0.8), min_marker_size=5)
     assert tune_postprocess(probs, [gt] * 3, workers=2, **kw) == tune_postprocess(probs, [gt] * 3, **kw)
     three = [np.stack([1 - q, q * 0.7, q * 0.3], axis=-1) for q in probs]
     kw = dict(thresholds=(0.4, 0.6), min_sizes=(0, 20), marker_thresholds=(0.2, 0.4), min_marker_size=5,
