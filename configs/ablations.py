@@ -62,6 +62,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Training labels with the gaps between neighbouring glands widened to about 3 px, so a two-class
     # output can learn to keep them apart (docs/accuracy.md, fifteenth round). Not in the paper.
     "gap_width": {"data.gap_width": 3},
+    # No dropout before the heads (the paper's 0.5): adopted by the CPU recipe (docs/accuracy.md,
+    # fourteenth round).
+    "no_dropout": {"model.dropout": 0.0},
+    # Merged glands split by a watershed on p(gland) seeded by its regions above 0.7 of at least
+    # 8000 px, GlaS-sized glands (docs/accuracy.md, seventeenth round; in the CPU recipe). Eval only.
+    "pp_split": {"eval.split_threshold": 0.7, "eval.min_marker_size": 8000},
     "bf16": {"model.dtype": "bfloat16"},  # bfloat16 compute (a no-op for glas, whose base is bf16).
     "fp32": {"model.dtype": "float32"},  # float32 compute (a no-op for cpu, whose base is fp32).
     "tta": {"eval.tta": True},  # 8-way flip/rot90 test-time augmentation (eval only).

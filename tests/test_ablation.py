@@ -207,6 +207,7 @@ def test_variant_configs_change_only_their_keys():
     glas_minus = abl.get_config("minus,base=glas")
     assert glas_minus.data.source == "glas" and glas_minus.model.dtype == "bfloat16"
     assert abl.is_eval_only("tta") and abl.is_eval_only("pp_min500") and not abl.is_eval_only("minus")
+    assert abl.is_eval_only("pp_split") and not abl.is_eval_only("no_dropout")
     with pytest.raises(KeyError, match="model.widht"):
         abl.variant_config("baseline", "cpu", {"model.widht": 0.5})
     base = str(ablation.DEFAULT_VARIANTS_FILE.parent / "default.py")
