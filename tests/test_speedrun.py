@@ -132,7 +132,8 @@ def test_glas_cpu_default_is_the_252_recipe_and_keeps_the_508_one():
     assert core.total_steps(c) == 10_500 and core.total_steps(old) == 600
     assert c.eval.tta and not old.eval.tta
     assert (old.model.variant, old.data.crop_size) == (508, 508)
-    # :contour is the default plus the three-class target and the sixth round's watershed seeds.
+    # :contour is the default plus the three-class target and the sixth round's watershed seeds
+    # (at the learning rate it was measured with).
     contour = load_config("glas_cpu", "contour")
     core.check_config(contour, num_devices=1)
     assert (contour.data.target, contour.model.num_classes) == ("contour", 3)
@@ -143,6 +144,8 @@ def test_glas_cpu_default_is_the_252_recipe_and_keeps_the_508_one():
     # The seventeenth round's split of merged glands is on the two-class default only.
     assert (c.eval.split_threshold, c.eval.min_marker_size) == (0.7, 8000)
     assert contour.eval.split_threshold == old.eval.split_threshold == 0.0
+    # The eighteenth round's learning rate is on the two-class default only, as measured.
+    assert (c.train.learning_rate, contour.train.learning_rate, old.train.learning_rate) == (2e-3, 1e-3, 1e-3)
     with pytest.raises(ValueError, match="':508' or ':contour'"):
         load_config("glas_cpu", "fast")
 
