@@ -356,8 +356,12 @@ def tune_postprocess(
         surfaces = [None] * len(prob_maps)
     # The third axis of the grid: the watershed's seed threshold (contour), or for two classes the
     # seed threshold on p(gland) (seeded) or the neck split.
-    third = (tuple(marker_thresholds) if contour else tuple(float(t) for t in split_thresholds) if seeded
-             else tuple(float(d) for d in split_distances))
+    if contour:
+        third = tuple(marker_thresholds)
+    elif seeded:
+        third = tuple(float(t) for t in split_thresholds)
+    else:
+        third = tuple(float(d) for d in split_distances)
     if not third:
         raise ValueError("marker_thresholds / split_distances must be non-empty")
     rows: list[dict[str, Any]] = []
